@@ -1,0 +1,91 @@
+"""The fake-quant op: ŵ = fake_quant(w, α, spec), differentiable in w and α (DESIGN §4).
+
+One `mx.custom_function` per (spec, backend) whose VJP is the straight-through estimator of
+`quantizers.straight_through`. The math lives in a backend: `mlx` is MLX ops under
+`mx.compile`, which MLX fuses into one generated kernel on the CPU; GPU kernels slot in
+through `BACKENDS`.
+"""
+
+import functools
+import os
+from typing import Callable, Dict, Tuple
+
+import mlx.core as mx
+
+from .quantizers import (
+    MIN_SCALE,
+    QuantSpec,
+    affine_grid,
+    codes,
+    gradient_scale,
+    grouped,
+    straight_through,
+)
+
+BACKEND_ENV_VAR = "MLX_QAT_FAKE_QUANT"
+
+Forward = Callable[[mx.array, mx.array], mx.array]
+Backward = Callable[[mx.array, mx.array, mx.array], Tuple[mx.array, mx.array]]
+
+
+def _mlx_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
+    def forward(w, alpha):
+        a = mx.maximum(alpha, MIN_SCALE)[..., None]
+        scale, bias = affine_grid(a, spec)
+        w_hat = codes(grouped(w, spec).astype(mx.float32) / a, spec) * scale + bias
+        return w_hat.reshape(w.shape).astype(w.dtype)
+
+    def backward(w, alpha, g):
+        a = mx.maximum(alpha, MIN_SCALE)[..., None]
+        passes, unit = straight_through(grouped(w, spec).astype(mx.float32) / a, spec)
+        g = grouped(g, spec).astype(mx.float32)
+        dw = mx.where(passes, g, 0.0).reshape(w.shape).astype(w.dtype)
+        dalpha = (g * unit).sum(axis=-1) * gradient_scale(w.size, spec)
+        return dw, dalpha.astype(alpha.dtype)
+
+    return mx.compile(forward), mx.compile(backward)
+
+
+# name -> (spec -> (forward, backward)); GPU kernels register here.
+BACKENDS: Dict[str, Callable[[QuantSpec], Tuple[Forward, Backward]]] = {"mlx": _mlx_backend}
+
+
+def select_backend() -> str:
+    """The backend for the default device; $MLX_QAT_FAKE_QUANT=mlx forces the reference path."""
+    forced = os.environ.get(BACKEND_ENV_VAR)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(
+                f"{BACKEND_ENV_VAR}={forced!r} is not available here; use one of {sorted(BACKENDS)}"
+            )
+        return forced
+    return "mlx"
+
+
+@functools.lru_cache(maxsize=None)
+def _op(spec: QuantSpec, backend: str):
+    forward, backward = BACKENDS[backend](spec)
+
+    @mx.custom_function
+    def op(w, alpha):
+        return forward(w, alpha)
+
+    @op.vjp
+    def op_vjp(primals, cotangent, output):
+        return backward(*primals, cotangent)
+
+    return op
+
+
+def fake_quant(w: mx.array, alpha: mx.array, spec: QuantSpec, backend: str = None) -> mx.array:
+    """Quantize-dequantize W [out, in] on the grid of α [out, in / group_size] (or [out, 1]).
+
+    Forward: ŵ = α·q(w / α) (DESIGN §3). Backward: straight-through for w, LSQ-style for α.
+    """
+    groups = w.shape[-1] // spec.group_size_for(w.shape[-1])
+    if w.ndim != 2 or alpha.shape != (w.shape[0], groups):
+        raise ValueError(
+            f"fake_quant needs W [out, in] and α [out, {groups}] for {spec}; got W {w.shape} "
+            f"and α {alpha.shape}"
+        )
+    return _op(spec, backend or select_backend())(w, alpha)

@@ -1,0 +1,47 @@
+"""`python -m mlx_qat.info`: what MLX runs on here, and how fast its matmul is."""
+
+import argparse
+import platform
+import time
+
+from . import blas  # noqa: F401  (importing mlx_qat loads the BLAS before mlx.core)
+from .fake_quant import select_backend
+
+import mlx.core as mx  # noqa: E402
+
+
+def backend() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10, device=mx.cpu) -> float:
+    """Measured float32 n×n×n matmul throughput (best of `repeats`)."""
+    with mx.stream(device):
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(a @ b)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(a @ b)
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=1024, help="matmul size n (n×n×n)")
+    args = parser.parse_args()
+    print(f"mlx        {mx.__version__}")
+    print(f"platform   {platform.system()} {platform.machine()}")
+    print(f"backend    {backend()}")
+    print(f"blas       {blas.describe()}")
+    print(f"fake_quant {select_backend()}")
+    print(f"matmul     {matmul_gflops(args.size):.1f} GFLOP/s (float32 {args.size}³ on the CPU)")
+
+
+if __name__ == "__main__":
+    main()

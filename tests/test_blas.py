@@ -1,0 +1,42 @@
+"""The optimized BLAS is found and used (DESIGN §8)."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from mlx_qat import blas
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
+def test_info_reports_an_optimized_blas():
+    out = subprocess.run([sys.executable, "-m", "mlx_qat.info", "--size", "512"], capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("blas"))
+    assert "reference" not in line, out
+    assert "mkl" in line or "openblas" in line, out
+    gflops = float(next(l for l in out.splitlines() if l.startswith("matmul")).split()[1])
+    assert gflops > 20, out  # the reference BLAS manages ~4
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
+def test_late_import_warns_with_the_fix():
+    code = "import mlx.core, warnings; warnings.simplefilter('always'); import mlx_qat"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "imported before mlx_qat" in err and "import mlx_qat before mlx" in err
+
+
+def test_explicit_library_comes_first(monkeypatch):
+    monkeypatch.setenv(blas.ENV_VAR, "/opt/lib/libmyblas.so")
+    assert blas.candidates() == ["/opt/lib/libmyblas.so"]
+    monkeypatch.setenv(blas.ENV_VAR, "none")
+    assert blas.candidates() == []
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
+def test_missing_blas_warns_once():
+    code = "import warnings; warnings.simplefilter('always'); import mlx_qat; print(mlx_qat.blas.loaded)"
+    env = {"MLX_QAT_BLAS": "/nonexistent/libblas.so", "PATH": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "None"
+    assert result.stderr.count("no optimized CBLAS found") == 1
