@@ -7,6 +7,7 @@ The directory loads with `mlx_lm.load` and generates with `mlx_lm.generate` unch
 """
 
 import dataclasses
+from functools import partial
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -77,6 +78,26 @@ def _copy_tokenizer(tokenizer, out: Path) -> None:
         shutil.copy(f, out / f.name)
 
 
+def _write_atomically(path: Path, overwrite: bool, write) -> None:
+    """Run write(tmp_dir) and move the finished directory to `path`."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True (--overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
 def export(
     model: nn.Module,
     path: Union[str, Path],
@@ -94,26 +115,26 @@ def export(
     path = Path(path)
     if scales_dtype not in SCALES_DTYPES:
         raise ValueError(f"scales_dtype={scales_dtype!r}; use one of {', '.join(SCALES_DTYPES)}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True (--overwrite)")
     entries = module_quantization(model)
     config = {**_model_config(model), "quantization": quantization_config(entries)}
     packed = packed_model(model, entries, SCALES_DTYPES[scales_dtype])
+    _write_atomically(path, overwrite, partial(_save, packed, config, tokenizer))
+    return ExportReport(path, bits_per_weight(packed), _directory_size(path))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_model(tmp, packed)
-        save_config(config, tmp / "config.json")
-        if tokenizer is not None:
-            _copy_tokenizer(tokenizer, tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportReport(path, bits_per_weight(packed), sum(f.stat().st_size for f in path.iterdir()))
+
+def export_fp(model: nn.Module, path: Union[str, Path], tokenizer=None, overwrite: bool = False) -> ExportReport:
+    """Write a full-precision model (an FP-only run) as an mlx-lm directory."""
+    path = Path(path)
+    _write_atomically(path, overwrite, partial(_save, model, _model_config(model), tokenizer))
+    bits = 8 * tree_flatten(model.parameters())[0][1].itemsize
+    return ExportReport(path, float(bits), _directory_size(path))
+
+
+def _save(model: nn.Module, config: dict, tokenizer, directory: Path) -> None:
+    save_model(directory, model)
+    save_config(config, directory / "config.json")
+    if tokenizer is not None:
+        _copy_tokenizer(tokenizer, directory)
 
 
 def packed_model(model: nn.Module, entries: dict, scales_dtype=mx.float32) -> nn.Module:

@@ -1,0 +1,111 @@
+"""What a run leaves behind: metrics.jsonl, summary.json and its table, and the loss plot."""
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+
+class Metrics:
+    """metrics.jsonl: one JSON record per report, appended and flushed as the run goes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def log(self, **record) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> List[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def count(self) -> int:
+        return len(self.read())
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n records: those written before the checkpoint a run resumes from."""
+        records = self.read()[:n]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
+
+
+def _event_loss(records: List[dict], event: str) -> Optional[float]:
+    return next((r["val_loss"] for r in records if r.get("event") == event), None)
+
+
+def summary(plan, records, final_loss, exported_loss, exported, train_seconds, cfg) -> dict:
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    return {
+        "N": plan.n_params,
+        "D_fp": plan.fp_tokens,
+        "D_qat": plan.qat_tokens,
+        "D_total": plan.total_tokens,
+        "B": cfg.bits if plan.qat_steps else None,
+        "group_size": cfg.group_size,
+        "S_total": plan.s_total,
+        "qat_fraction": plan.qat_fraction,
+        "schedule": cfg.schedule,
+        "fp_val_loss": _event_loss(records, "end_fp"),
+        "final_val_loss": final_loss,
+        "exported_val_loss": exported_loss,
+        "bits_per_weight": exported.bits_per_weight,
+        "size_bytes": exported.size_bytes,
+        "train_seconds": train_seconds,
+        "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+    }
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
+
+
+def format_summary(s: dict) -> str:
+    def fmt(v, spec=""):
+        return "-" if v is None else format(v, spec)
+
+    rows = [
+        ("params N", f"{s['N']:,}"),
+        ("D_fp / D_qat", f"{s['D_fp']:,} / {s['D_qat']:,} tokens"),
+        ("bits B", fmt(s["B"])),
+        ("S_total", f"{s['S_total']:.1f} tokens per parameter byte"),
+        ("QAT fraction f", f"{s['qat_fraction']:.3f} ({s['schedule']})"),
+        ("val loss, end of FP", fmt(s["fp_val_loss"], ".4f")),
+        ("val loss, end of QAT", fmt(s["final_val_loss"], ".4f") if s["B"] else "-"),
+        ("val loss, exported", fmt(s["exported_val_loss"], ".4f")),
+        ("bits per weight", f"{s['bits_per_weight']:.3f}"),
+        ("size on disk", f"{s['size_bytes'] / 2**20:.2f} MiB"),
+        ("wall time", f"{s['train_seconds']:.1f} s"),
+        ("tokens/s", fmt(s["tokens_per_s"], ",.0f")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def plot(records: List[dict], switch_tokens: Optional[int], path: Path) -> None:
+    """Train and validation loss over tokens, with the FP -> QAT switch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    if switch_tokens is not None:
+        ax.axvline(switch_tokens, color="k", linestyle="--", label="FP → QAT")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

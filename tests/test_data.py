@@ -1,0 +1,152 @@
+"""Data preparation: inputs, errors, reuse, and tokenizer files that encode like sentencepiece."""
+
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from conftest import random_text
+from mlx_qat import data
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    lines = random_text(3000, seed=1)
+    (root / "a.txt").write_text("\n\n".join(lines[:1500]))
+    (root / "sub").mkdir()
+    (root / "sub" / "b.txt").write_text("\n\n".join(lines[1500:2500]))
+    (root / "c.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(lines[2500:])))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare([str(corpus)], 400, out)
+    return out
+
+
+def test_prepare_writes_tokens_tokenizer_and_manifest(prepared, corpus):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["vocab_size"] == 400 and manifest["dtype"] == "uint16"
+    assert {s["source"] for s in manifest["request"]["inputs"]} == {str(corpus / "a.txt"), str(corpus / "sub" / "b.txt"), str(corpus / "c.jsonl")}
+    assert all(len(s["sha256"]) == 64 for s in manifest["request"]["inputs"])
+    assert manifest["documents"]["val"] == round(3000 * 0.05)
+    ds = data.TokenData.load(prepared)
+    assert ds.train.size == manifest["tokens"]["train"] and ds.val.size == manifest["tokens"]["val"]
+    assert ds.train.max() < 400
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "tokenizer.model"))
+    assert (ds.train == sp.bos_id()).sum() == manifest["documents"]["train"]  # one BOS per document
+
+
+def test_prepare_reuses_and_redoes(prepared, corpus):
+    before = (prepared / "train.bin").stat().st_mtime_ns
+    data.prepare([str(corpus)], 400, prepared)
+    assert (prepared / "train.bin").stat().st_mtime_ns == before
+    data.prepare([str(corpus)], 420, prepared)  # a different request prepares again
+    assert json.loads((prepared / "manifest.json").read_text())["vocab_size"] == 420
+    data.prepare([str(corpus)], 400, prepared)
+
+
+def test_inputs_by_glob_and_json(corpus, tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in random_text(300, seed=3)]))
+    docs = data.read_documents([str(corpus / "*.txt"), str(tmp_path / "d.json")])
+    assert len(docs) == 1500 + 300
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text(""), "hold no text"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00binary\x80"), "not UTF-8 text"),
+])
+def test_bad_text_inputs(tmp_path, make, message):
+    path = tmp_path / "x.txt"
+    make(path)
+    with pytest.raises(data.DataError, match=message):
+        data.read_documents([str(path)])
+
+
+def test_bad_json_inputs(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(data.DataError, match="string field `text`"):
+        data.read_documents([str(tmp_path / "a.jsonl")])
+    (tmp_path / "b.jsonl").write_text("{not json\n")
+    with pytest.raises(data.DataError, match="not valid JSON"):
+        data.read_documents([str(tmp_path / "b.jsonl")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="has no .txt"):
+        data.read_documents([str(tmp_path / "empty")])
+    with pytest.raises(data.DataError, match="no file matches"):
+        data.read_documents([str(tmp_path / "*.nothing")])
+    with pytest.raises(data.DataError, match="no input given"):
+        data.read_documents([])
+
+
+def test_prepare_rejects_bad_settings(corpus, tmp_path):
+    with pytest.raises(data.DataError, match="too small"):
+        data.prepare([str(corpus)], 100, tmp_path / "x")
+    with pytest.raises(data.DataError, match="val_fraction"):
+        data.prepare([str(corpus)], 400, tmp_path / "x", val_fraction=0.9)
+
+
+def test_truncated_token_file_is_detected(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    with open(copy / "val.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(data.DataError, match="missing or truncated"):
+        data.TokenData.load(copy)
+    with pytest.raises(data.DataError, match="not a prepared dataset"):
+        data.TokenData.load(tmp_path)
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = random_text(200, seed=5)
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(200))}).save_to_disk(str(tmp_path / "ds"))
+    assert data.read_documents([f"hf:{tmp_path / 'ds'}"]) == texts
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "nocol"))
+    with pytest.raises(data.DataError, match="no `text` column"):
+        data.read_documents([f"hf:{tmp_path / 'nocol'}"])
+
+
+def test_builtin_corpus_is_several_megabytes_of_english():
+    docs = data.builtin_corpus()
+    assert sum(map(len, docs)) > 3_000_000
+    assert docs[0].startswith("In the beginning God created the heaven")
+
+
+def test_batches_are_a_pure_function_of_seed_and_index(prepared):
+    ds = data.TokenData.load(prepared)
+    a, b = data.batch(ds.train, 4, 32, seed=0, index=7), data.batch(ds.train, 4, 32, seed=0, index=7)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 33)
+    assert not np.array_equal(a, data.batch(ds.train, 4, 32, seed=0, index=8))
+    windows = list(data.eval_batches(ds.val, 4, 32, max_batches=3))
+    assert len(windows) == 3 and all(w.shape == (4, 33) for w in windows)
+    np.testing.assert_array_equal(windows[0][1], ds.val[32:65])
+
+
+TRICKY = ["", " ", "  two leading", "multiple   inner    spaces", "tab\tand\t\ttabs", "trailing  ",
+          "new\nlines\n\n", "ünïcödé, 日本語, emoji 🙂 and Ωmega", "MiXeD CaSe 12345 digits", "\u00a0nbsp", "a"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_hf_tokenizer_matches_sentencepiece(prepared, text):
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(str(prepared))
+    assert hf.encode(text) == [sp.bos_id()] + sp.encode(text)
+    assert hf.decode(hf.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
