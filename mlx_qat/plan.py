@@ -1,0 +1,268 @@
+"""Plan QAT with the predictor and a fitted law: what fraction, which bit width, what is wasted.
+
+    python -m mlx_qat.plan --params 1e8 --tokens 1e10 --bits 2
+    python -m mlx_qat.plan --params 1e8 --tokens 1e10 --bits 2 --law law.json --fraction 0.1 --memory 2GB
+    python -m mlx_qat.plan ... --json
+
+Everything here is numpy/scipy: it runs where MLX does not.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from scipy.optimize import brentq, minimize_scalar
+
+from . import law as scaling
+from .law import Law
+
+BIT_WIDTHS = (1, 1.58, 2, 3, 4, 5, 6, 8)
+FP_BITS = 16  # the full-precision reference stores bf16/fp16 weights
+LAW_FORMAT = "mlx_qat.law"
+LAW_VERSION = 1
+F_MIN, F_MAX = 1e-4, 1 - 1e-4
+
+
+# ---------------------------------------------------------------- law files
+
+
+def save_law(law: Law, path: Path) -> None:
+    doc = {"format": LAW_FORMAT, "version": LAW_VERSION, "params": law.as_dict(), **law.meta}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+
+
+def load_law(path: Path) -> Law:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the law file {path} ({e}); write one with python -m mlx_qat.fit") from e
+    if doc.get("format") != LAW_FORMAT or doc.get("version") != LAW_VERSION:
+        raise ValueError(f"{path} is not a version-{LAW_VERSION} {LAW_FORMAT} file; refit it with python -m mlx_qat.fit")
+    params = doc.pop("params")
+    missing = set(scaling.PARAMS) - set(params)
+    if missing:
+        raise ValueError(f"{path} lacks the parameters {', '.join(sorted(missing))}; refit it")
+    for key in ("format", "version"):
+        doc.pop(key)
+    return Law(**{k: float(params[k]) for k in scaling.PARAMS}, meta=doc)
+
+
+# ---------------------------------------------------------------- questions a law answers
+
+
+def loss_at_fraction(law: Law, n_params, tokens, bits, fraction):
+    return law(n_params, (1 - np.asarray(fraction)) * tokens, np.asarray(fraction) * tokens, bits)
+
+
+def optimal_fraction(law: Law, n_params: float, tokens: float, bits: float):
+    """(f*, L*): the QAT fraction minimising the law's loss at a fixed D_total = D_fp + D_qat."""
+    grid = np.linspace(F_MIN, F_MAX, 400)
+    i = int(np.argmin(loss_at_fraction(law, n_params, tokens, bits, grid)))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    res = minimize_scalar(lambda f: float(loss_at_fraction(law, n_params, tokens, bits, f)), bounds=(lo, hi),
+                          method="bounded", options={"xatol": 1e-6})
+    return float(res.x), float(res.fun)
+
+
+def wasted_tokens(law: Law, n_params: float, tokens: float, bits: float, fraction: float) -> float:
+    """Extra tokens (as a fraction of D) that QAT fraction `fraction` needs to reach the loss the
+    optimal fraction reaches with D tokens; inf if no budget up to 1000·D does."""
+    _, best = optimal_fraction(law, n_params, tokens, bits)
+    gap = lambda log_d: float(loss_at_fraction(law, n_params, math.exp(log_d), bits, fraction)) - best  # noqa: E731
+    if gap(math.log(tokens)) <= 0:
+        return 0.0
+    hi = math.log(tokens * 1000)
+    if gap(hi) > 0:
+        return math.inf
+    return math.exp(brentq(gap, math.log(tokens), hi, xtol=1e-10)) / tokens - 1
+
+
+def params_for_memory(memory_bytes: float, bits: float) -> float:
+    """N_B = 8·M / B: the parameters that fit in M bytes at B bits."""
+    return 8 * memory_bytes / bits
+
+
+@dataclass
+class BitChoice:
+    bits: float
+    n_params: float
+    tokens: float
+    fraction: float
+    loss: float
+
+
+def best_bits(law: Law, memory_bytes: float, tokens: float, compute: Optional[float] = None,
+              widths: Sequence[float] = BIT_WIDTHS) -> List[BitChoice]:
+    """Each bit width under a memory budget, best first: N_B = 8M/B trained on `tokens` tokens,
+    or, with `compute` (FLOPs, 6·N·D), on D_B = compute / (6·N_B) tokens."""
+    choices = []
+    for b in widths:
+        n = params_for_memory(memory_bytes, b)
+        d = compute / (6 * n) if compute else tokens
+        f, loss = optimal_fraction(law, n, d, b)
+        choices.append(BitChoice(b, n, d, f, loss))
+    return sorted(choices, key=lambda c: c.loss)
+
+
+def gap_to_fp(law: Law, memory_bytes: float, tokens: float, bits: float) -> float:
+    """QAT loss at B bits minus FP loss, for models of the same memory (N_B = 8M/B vs 8M/16)."""
+    _, qat = optimal_fraction(law, params_for_memory(memory_bytes, bits), tokens, bits)
+    return qat - float(law.fp_loss(params_for_memory(memory_bytes, FP_BITS), tokens))
+
+
+def tokens_matching_fp(law: Law, memory_bytes: float, bits: float, lo: float = 1e6, hi: float = 1e15) -> Optional[float]:
+    """The fewest tokens at which B-bit QAT matches a same-memory FP model (None if it never
+    does in [lo, hi])."""
+    grid = np.geomspace(lo, hi, 60)
+    gaps = np.array([gap_to_fp(law, memory_bytes, d, bits) for d in grid])
+    below = np.flatnonzero(gaps <= 0)
+    if below.size == 0:
+        return None
+    i = below[0]
+    if i == 0:
+        return float(lo)
+    f = lambda log_d: gap_to_fp(law, memory_bytes, math.exp(log_d), bits)  # noqa: E731
+    return float(math.exp(brentq(f, math.log(grid[i - 1]), math.log(grid[i]), xtol=1e-6)))
+
+
+# ---------------------------------------------------------------- the command
+
+
+def parse_size(text: str) -> float:
+    """'2GB', '512MiB', '1.5e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read the size {text!r}; write it like 2GB, 512MiB or 1.5e9")
+    value, prefix, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary else 1000
+    return value * base ** " KMGT".index(prefix or " ")
+
+
+def number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (1e8 and 100000000 both work)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def bits_arg(text: str) -> float:
+    value = float(text)
+    if value not in BIT_WIDTHS:
+        raise argparse.ArgumentTypeError(f"bits={text}; use one of {', '.join(map(str, BIT_WIDTHS))}")
+    return value
+
+
+def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], fraction: float = 0.1,
+           memory: Optional[float] = None, a: float = scaling.PREDICTOR_A) -> Dict:
+    """Everything `plan` reports, as one JSON-ready dict."""
+    s_total = float(scaling.tokens_per_param_byte(tokens, n_params, bits))
+    out = {
+        "inputs": {"params": n_params, "tokens": tokens, "bits": bits, "fraction": fraction, "memory_bytes": memory},
+        "S_total": s_total,
+        "predictor": {"optimal_fraction": float(scaling.predicted_qat_fraction(s_total, a)) if s_total > 1 else None, "a": a},
+    }
+    if law is None:
+        out["law"] = None
+        return out
+    f_opt, loss_opt = optimal_fraction(law, n_params, tokens, bits)
+    memory = memory or n_params * bits / 8
+    compute = 6 * n_params * tokens
+    out["law"] = {
+        "optimal_fraction": f_opt,
+        "loss": loss_opt,
+        "fp_loss": float(law.fp_loss(n_params, tokens)),
+        "chosen_fraction": {"fraction": fraction, "loss": float(loss_at_fraction(law, n_params, tokens, bits, fraction)),
+                            "wasted_tokens": wasted_tokens(law, n_params, tokens, bits, fraction)},
+        "label": law.meta.get("label", ""),
+        "memory_bytes": memory,
+        "best_bits_fixed_tokens": [c.__dict__ for c in best_bits(law, memory, tokens)],
+        "best_bits_fixed_compute": [c.__dict__ for c in best_bits(law, memory, tokens, compute=compute)],
+        "vs_fp": [
+            {"bits": b, "gap": gap_to_fp(law, memory, tokens, b), "tokens_matching_fp": tokens_matching_fp(law, memory, b)}
+            for b in BIT_WIDTHS
+        ],
+    }
+    return out
+
+
+def _fmt_tokens(x: Optional[float]) -> str:
+    return "never" if x is None else f"{x:.3g}"
+
+
+def format_answer(ans: Dict) -> str:
+    i = ans["inputs"]
+    lines = [f"N = {i['params']:.3g} parameters, D = {i['tokens']:.3g} tokens, B = {i['bits']} bits: "
+             f"S_total = {ans['S_total']:.4g} tokens per parameter byte"]
+    pred = ans["predictor"]["optimal_fraction"]
+    lines.append(f"predictor (a = {ans['predictor']['a']}): optimal QAT fraction "
+                 + (f"{pred:.3f}" if pred is not None else "undefined (S_total <= 1)"))
+    law = ans["law"]
+    if law is None:
+        lines.append("no fitted law: pass --law law.json (python -m mlx_qat.fit RESULTS) for losses, waste and bit widths")
+        return "\n".join(lines)
+    c = law["chosen_fraction"]
+    waste = "more than 1000x" if math.isinf(c["wasted_tokens"]) else f"{100 * c['wasted_tokens']:.1f}% extra tokens"
+    lines += [
+        f"law{' (' + law['label'] + ')' if law['label'] else ''}: optimal QAT fraction {law['optimal_fraction']:.3f}, "
+        f"predicted loss {law['loss']:.4f} (full precision: {law['fp_loss']:.4f})",
+        f"QAT fraction {c['fraction']:g}: loss {c['loss']:.4f}, wastes {waste} versus the optimum",
+        "",
+        f"best bit width for {law['memory_bytes'] / 1e9:.3g} GB of weights:",
+        f"  {'bits':>5} {'params':>10} {'tokens':>10} {'f*':>6} {'loss':>8}   {'params':>10} {'tokens':>10} {'f*':>6} {'loss':>8}",
+        f"  {'':>5} {'--- fixed tokens ---':^37}   {'--- fixed compute 6ND ---':^37}",
+    ]
+    by_bits = {c["bits"]: c for c in law["best_bits_fixed_compute"]}
+    for t in sorted(law["best_bits_fixed_tokens"], key=lambda c: c["bits"]):
+        k = by_bits[t["bits"]]
+        lines.append(f"  {t['bits']:>5g} {t['n_params']:>10.3g} {t['tokens']:>10.3g} {t['fraction']:>6.3f} {t['loss']:>8.4f}"
+                     f"   {k['n_params']:>10.3g} {k['tokens']:>10.3g} {k['fraction']:>6.3f} {k['loss']:>8.4f}")
+    lines.append(f"  best: {law['best_bits_fixed_tokens'][0]['bits']:g} bits at fixed tokens, "
+                 f"{law['best_bits_fixed_compute'][0]['bits']:g} bits at fixed compute")
+    lines += ["", "QAT vs a full-precision (16-bit) model of the same memory:",
+              f"  {'bits':>5} {'loss gap':>9} {'QAT matches FP from':>20}"]
+    for row in law["vs_fp"]:
+        lines.append(f"  {row['bits']:>5g} {row['gap']:>+9.4f} {_fmt_tokens(row['tokens_matching_fp']):>20}")
+    return "\n".join(lines)
+
+
+def default_law() -> Optional[Law]:
+    """The law shipped with the package (fitted on small local models), if there is one."""
+    path = Path(__file__).parent / "laws" / "local.json"
+    return load_law(path) if path.exists() else None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlx_qat.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=number, required=True, help="model parameters N (tied embedding once)")
+    parser.add_argument("--tokens", type=number, required=True, help="total training tokens D_total")
+    parser.add_argument("--bits", type=bits_arg, required=True, help="QAT bits B")
+    parser.add_argument("--law", type=Path, help="a law file from python -m mlx_qat.fit (default: the shipped local law)")
+    parser.add_argument("--fraction", type=float, default=0.1, help="a QAT fraction to assess (default 0.1)")
+    parser.add_argument("--memory", type=parse_size, help="weight memory budget, e.g. 2GB (default: N·B/8)")
+    parser.add_argument("--predictor-a", type=float, default=scaling.PREDICTOR_A, help="the predictor's constant a")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if not 0 < args.fraction < 1:
+        parser.error(f"--fraction {args.fraction} must be in (0, 1)")
+    try:
+        law = load_law(args.law) if args.law else default_law()
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    ans = answer(args.params, args.tokens, args.bits, law, args.fraction, args.memory, args.predictor_a)
+    print(json.dumps(ans, indent=2) if args.json else format_answer(ans))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

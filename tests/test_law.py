@@ -1,0 +1,200 @@
+"""The scaling law, its fit on synthetic sweeps, and the planner (numpy/scipy only)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlx_qat import fit, plan
+from mlx_qat.law import PARAMS, Law, predicted_qat_fraction, tokens_per_param_byte
+
+# Known laws with realistic QAT penalties (median ~5% over FP, tens of % at 1 bit and small S).
+TRUTHS = [
+    Law(alpha=1.7, beta=410, gamma=0.28, zeta=400, eta=0.34, theta=0.08, kappa=0.7, phi=60, chi=0.9, psi=0.15,
+        omega=0.35, lam=200, mu=0.8, nu=0.15, xi=0.45, rho=0.25),
+    Law(alpha=2.0, beta=1500, gamma=0.32, zeta=250, eta=0.28, theta=0.15, kappa=0.9, phi=40, chi=1.0, psi=0.1,
+        omega=0.3, lam=150, mu=0.9, nu=0.1, xi=0.5, rho=0.2),
+    Law(alpha=1.8, beta=600, gamma=0.3, zeta=350, eta=0.32, theta=0.1, kappa=0.8, phi=30, chi=0.8, psi=0.12,
+        omega=0.4, lam=120, mu=0.7, nu=0.12, xi=0.4, rho=0.3),
+]
+SWEEP = dict(sizes=tuple(np.geomspace(1e7, 1e9, 7)), s_totals=tuple(np.geomspace(10, 1e5, 7)),
+             widths=(1, 2, 4, 6), fractions=tuple(np.round(np.arange(0.1, 0.91, 0.1), 2)))
+
+
+def test_law_formula_term_by_term():
+    law = TRUTHS[0]
+    n, d_fp, d_qat, b = 1e8, 6e9, 4e9, 2
+    s_fp, s_qat = d_fp / (n * b / 8), d_qat / (n * b / 8)
+    expected = (law.alpha + law.beta / (d_fp + d_qat) ** law.gamma + law.zeta / n**law.eta
+                + law.theta * 2 ** (-law.kappa * b)
+                + law.phi * 2 ** (-law.chi * b) / (n**law.psi * s_qat**law.omega)
+                + law.lam * 2 ** (-law.mu * b) / (n**law.nu * s_fp**law.xi * s_qat**law.rho))
+    assert float(law(n, d_fp, d_qat, b)) == pytest.approx(expected, rel=1e-12)
+    fp_only = law.alpha + law.beta / 1e10**law.gamma + law.zeta / n**law.eta
+    assert float(law(n, 1e10, 0, None)) == pytest.approx(fp_only, rel=1e-12)
+    assert float(law.fp_loss(n, 1e10)) == pytest.approx(fp_only, rel=1e-12)
+    vec = law(np.array([1e8, 1e9]), np.array([6e9, 6e9]), np.array([4e9, 0.0]), np.array([2.0, np.nan]))
+    assert vec.shape == (2,) and vec[1] == pytest.approx(float(law.fp_loss(1e9, 6e9)))
+
+
+def test_statistics_and_predictor():
+    assert float(tokens_per_param_byte(1e9, 1e8, 2)) == pytest.approx(40.0)
+    s = np.array([20, 1e3, 1e5])
+    np.testing.assert_allclose(predicted_qat_fraction(s), np.exp(np.log(s) - 6.7297 / np.log(s)) / s)
+
+
+def test_vector_round_trip():
+    law = TRUTHS[1]
+    back = Law.from_vector(law.to_vector())
+    assert back.as_dict() == pytest.approx(law.as_dict(), rel=1e-12)
+
+
+@pytest.mark.parametrize("truth", TRUTHS, ids=["A", "B", "C"])
+def test_refit_recovers_losses_and_optimal_fractions(truth):
+    runs = fit.synthetic_runs(truth, np.random.default_rng(0), **SWEEP)
+    result = fit.fit(runs, bootstrap=0)
+    assert result.converged
+    assert result.r2 > 0.98 and all(r > 0.98 for r in result.r2_by_bits.values())
+    held = fit.synthetic_runs(truth, np.random.default_rng(1), sizes=(2e7, 2e8, 7e8), s_totals=(30, 3e3, 3e4),
+                              fractions=(0.15, 0.45, 0.85))
+    assert fit.r_squared(held.loss, result.law(held.n, held.d_fp, held.d_qat, held.bits)) >= 0.98
+    errors = []
+    for n in (1e7, 1e8, 1e9):
+        for s in (10, 100, 1e3, 1e4, 1e5):
+            for b in (1, 2, 4, 6):
+                d = s * n * b / 8
+                errors.append(abs(plan.optimal_fraction(truth, n, d, b)[0] - plan.optimal_fraction(result.law, n, d, b)[0]))
+    assert max(errors) <= 0.05, max(errors)
+
+
+def test_noise_free_fit_is_exact():
+    truth = TRUTHS[2]
+    runs = fit.synthetic_runs(truth, np.random.default_rng(0), noise=0.0)
+    result = fit.fit(runs, bootstrap=0)
+    np.testing.assert_allclose(result.law(runs.n, runs.d_fp, runs.d_qat, runs.bits), runs.loss, rtol=1e-6)
+
+
+def test_bootstrap_intervals_cover_the_fit():
+    truth = TRUTHS[0]
+    runs = fit.synthetic_runs(truth, np.random.default_rng(2))
+    result = fit.fit(runs, bootstrap=10)
+    for k in PARAMS:
+        lo, hi = result.ci[k]
+        assert lo <= hi
+    assert result.ci["alpha"][0] <= truth.alpha * 1.05 and result.ci["alpha"][1] >= truth.alpha * 0.95
+
+
+def brute_force_optimum(law, n, d, b):
+    f = np.linspace(1e-4, 1 - 1e-4, 200_001)
+    losses = plan.loss_at_fraction(law, n, d, b, f)
+    i = int(np.argmin(losses))
+    return f[i], losses[i]
+
+
+@pytest.mark.parametrize("n, s, b", [(1e7, 10, 1), (1e8, 1e3, 2), (1e9, 1e5, 6), (3e8, 300, 4)])
+def test_planner_matches_brute_force(n, s, b):
+    law = TRUTHS[1]
+    d = s * n * b / 8
+    f, loss = plan.optimal_fraction(law, n, d, b)
+    f_bf, loss_bf = brute_force_optimum(law, n, d, b)
+    assert f == pytest.approx(f_bf, abs=1e-4) and loss == pytest.approx(loss_bf, rel=1e-9)
+
+    waste = plan.wasted_tokens(law, n, d, b, 0.1)
+    scale = np.geomspace(1, 10, 20_001)
+    reach = [float(plan.loss_at_fraction(law, n, d * k, b, 0.1)) for k in scale]
+    first = scale[np.argmax(np.array(reach) <= loss_bf)]
+    assert 1 + waste == pytest.approx(first, rel=1e-3)
+
+
+def test_best_bits_and_fp_comparison_match_brute_force():
+    law, memory, tokens = TRUTHS[0], 1e9, 2e10
+    choices = plan.best_bits(law, memory, tokens)
+    brute = {b: brute_force_optimum(law, 8 * memory / b, tokens, b)[1] for b in plan.BIT_WIDTHS}
+    assert choices[0].bits == min(brute, key=brute.get)
+    for c in choices:
+        assert c.loss == pytest.approx(brute[c.bits], rel=1e-8) and c.n_params == pytest.approx(8 * memory / c.bits)
+    compute = 6 * 2e9 * tokens
+    for c in plan.best_bits(law, memory, tokens, compute=compute):
+        assert 6 * c.n_params * c.tokens == pytest.approx(compute)
+    for b in (2, 4):
+        match = plan.tokens_matching_fp(law, memory, b)
+        if match is not None:
+            assert abs(plan.gap_to_fp(law, memory, match, b)) < 1e-6
+            assert plan.gap_to_fp(law, memory, match * 0.5, b) > 0
+
+
+def test_fit_errors():
+    truth = TRUTHS[0]
+    with pytest.raises(fit.FitError, match="too few"):
+        fit.fit(fit.synthetic_runs(truth, np.random.default_rng(0), sizes=(1e8,), s_totals=(100,), widths=(2,), fractions=(0.5,)))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"N": 1e8, "D_fp": 1e9, "B": 2, "final_val_loss": 3.0}, "lacks D_qat"),
+    ({"N": -1, "D_fp": 1e9, "D_qat": 1e8, "B": 2, "final_val_loss": 3.0}, "must be positive"),
+    ({"N": 1e8, "D_fp": 0, "D_qat": 1e8, "B": 2, "final_val_loss": 3.0}, "QAT from scratch"),
+    ({"N": 1e8, "D_fp": 1e9, "D_qat": 1e8, "B": "two", "final_val_loss": 3.0}, "B must be a positive number"),
+    ({"N": 1e8, "D_fp": 1e9, "D_qat": 1e8, "B": 2, "final_val_loss": float("nan")}, "finite numbers"),
+])
+def test_results_validation(tmp_path, record, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(fit.FitError, match=message):
+        fit.read_results(path)
+
+
+def write_results(path, runs):
+    with open(path, "w") as f:
+        for i in range(len(runs)):
+            b = None if math.isnan(runs.bits[i]) else float(runs.bits[i])
+            f.write(json.dumps({"N": runs.n[i], "D_fp": runs.d_fp[i], "D_qat": runs.d_qat[i], "B": b,
+                                "final_val_loss": runs.loss[i], "note": "kept but ignored"}) + "\n")
+
+
+def test_fit_and_plan_commands(tmp_path):
+    runs = fit.synthetic_runs(TRUTHS[0], np.random.default_rng(0))
+    write_results(tmp_path / "results.jsonl", runs)
+    no_mlx = "import sys; sys.modules['mlx'] = None; import runpy; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", no_mlx, "mlx_qat.fit", str(tmp_path / "results.jsonl"), "--out",
+                          str(tmp_path / "law.json"), "--plot", str(tmp_path / "plots"), "--bootstrap", "5"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "R² overall" in out and "predictor constant a" in out
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "loss_vs_fraction.png", "optimal_fraction_vs_S.png", "predicted_vs_observed.png", "wasted_tokens_vs_S.png"}
+    law = plan.load_law(tmp_path / "law.json")
+    assert law.meta["n_runs"] == len(runs)
+
+    args = ["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--law", str(tmp_path / "law.json"), "--memory", "1GB"]
+    answer = json.loads(subprocess.run([sys.executable, "-c", no_mlx, "mlx_qat.plan", *args, "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert answer["predictor"]["optimal_fraction"] == pytest.approx(float(predicted_qat_fraction(1e10 / (1e8 * 2 / 8))))
+    f_opt, loss = plan.optimal_fraction(law, 1e8, 1e10, 2)
+    assert answer["law"]["optimal_fraction"] == pytest.approx(f_opt) and answer["law"]["loss"] == pytest.approx(loss)
+    assert answer["law"]["chosen_fraction"]["wasted_tokens"] >= 0
+    table = subprocess.run([sys.executable, "-m", "mlx_qat.plan", *args], capture_output=True, text=True, check=True).stdout
+    assert "optimal QAT fraction" in table and "best bit width" in table
+
+
+def test_plan_without_a_law_uses_the_predictor():
+    ans = plan.answer(1e8, 1e10, 4, None)
+    assert ans["law"] is None and ans["predictor"]["optimal_fraction"] == pytest.approx(float(predicted_qat_fraction(200)))
+    assert "no fitted law" in plan.format_answer(ans)
+
+
+def test_plan_argument_errors(capsys, tmp_path):
+    for args, message in [
+        (["--params", "1e8", "--tokens", "1e10", "--bits", "7"], "bits=7"),
+        (["--params", "-5", "--tokens", "1e10", "--bits", "2"], "must be positive"),
+        (["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--memory", "lots"], "cannot read the size"),
+        (["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--law", str(tmp_path / "none.json")], "cannot read the law file"),
+    ]:
+        with pytest.raises(SystemExit):
+            plan.main(args)
+        assert message in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert plan.parse_size("2GB") == 2e9 and plan.parse_size("512MiB") == 512 * 2**20 and plan.parse_size("1.5e9") == 1.5e9
