@@ -4,18 +4,11 @@ from . import blas
 
 blas.load()  # before mlx.core is first imported (see blas.py)
 
+try:
+    from .fake_quant import fake_quant
+    from .quantizers import QuantSpec, init_scale
+except ImportError:  # no MLX here: the planning modules (law, fit, plan) still work
+    pass
+
 __all__ = ["QuantSpec", "fake_quant", "init_scale"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-    # Imported on first use, so that the planning modules (law, fit, plan) work without MLX.
-    if name == "fake_quant":
-        from .fake_quant import fake_quant
-
-        return fake_quant
-    if name in ("QuantSpec", "init_scale"):
-        from . import quantizers
-
-        return getattr(quantizers, name)
-    raise AttributeError(f"module 'mlx_qat' has no attribute {name!r}")

@@ -2,8 +2,8 @@
 
 One `mx.custom_function` per (spec, backend) whose VJP is the straight-through estimator of
 `quantizers.straight_through`. The math lives in a backend: `mlx` is MLX ops under
-`mx.compile`, which MLX fuses into one generated kernel on the CPU; GPU kernels slot in
-through `BACKENDS`.
+`mx.compile`, which MLX fuses into one generated kernel on the CPU; `metal` and `cuda` run the
+kernels of gpu.py, built from the shared bodies in kernels/.
 """
 
 import functools
@@ -46,20 +46,44 @@ def _mlx_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
     return mx.compile(forward), mx.compile(backward)
 
 
-# name -> (spec -> (forward, backward)); GPU kernels register here.
-BACKENDS: Dict[str, Callable[[QuantSpec], Tuple[Forward, Backward]]] = {"mlx": _mlx_backend}
+def _gpu_backend(name: str):
+    def make(spec: QuantSpec):
+        from . import gpu
+
+        return gpu.backend(name, spec)
+
+    return make
+
+
+# name -> (spec -> (forward, backward))
+BACKENDS: Dict[str, Callable[[QuantSpec], Tuple[Forward, Backward]]] = {
+    "mlx": _mlx_backend,
+    "metal": _gpu_backend("metal"),
+    "cuda": _gpu_backend("cuda"),
+}
+
+
+def available_backends() -> list:
+    found = ["mlx"]
+    if mx.metal.is_available():
+        found.append("metal")
+    if mx.cuda.is_available():
+        found.append("cuda")
+    return found
 
 
 def select_backend() -> str:
-    """The backend for the default device; $MLX_QAT_FAKE_QUANT=mlx forces the reference path."""
+    """The kernel for the default device: Metal or CUDA on a GPU, MLX ops on the CPU.
+    $MLX_QAT_FAKE_QUANT=mlx forces the reference path (for debugging and benchmarks)."""
+    available = available_backends()
     forced = os.environ.get(BACKEND_ENV_VAR)
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(
-                f"{BACKEND_ENV_VAR}={forced!r} is not available here; use one of {sorted(BACKENDS)}"
-            )
+        if forced not in available:
+            raise ValueError(f"{BACKEND_ENV_VAR}={forced!r} is not available here; use one of {available}")
         return forced
-    return "mlx"
+    if mx.default_device() == mx.cpu:
+        return "mlx"
+    return available[-1]
 
 
 @functools.lru_cache(maxsize=None)

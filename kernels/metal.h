@@ -1,0 +1,10 @@
+// Metal preamble for the shared fake-quant bodies.
+#pragma clang fp contract(off)
+#define THREAD_INDEX thread_position_in_grid.x
+#define RINT(x) metal::rint(x)
+#define ABS(x) metal::abs(x)
+#define CLAMP(x, lo, hi) metal::min(metal::max((x), (lo)), (hi))
+#define MUL(a, b) ((a) * (b))
+#define ADD(a, b) ((a) + (b))
+#define SUB(a, b) ((a) - (b))
+#define DIV(a, b) metal::precise::divide((a), (b))

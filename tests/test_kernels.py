@@ -1,0 +1,154 @@
+"""The Metal/CUDA kernel bodies, run on the CPU through a host C++ shim, against the MLX reference.
+
+The same .inc files are what gpu.py hands to mx.fast.metal_kernel / mx.fast.cuda_kernel; only the
+preamble differs. float32 must match exactly; float16 too (one rounding of the same float).
+"""
+
+import ctypes
+import shutil
+import subprocess
+from importlib.resources import files
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qat import QuantSpec, fake_quant
+from mlx_qat import gpu
+from mlx_qat.fake_quant import BACKEND_ENV_VAR, available_backends, select_backend
+from mlx_qat.quantizers import MIN_SCALE, grouped, straight_through
+
+ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 8]
+GRANULARITIES = [32, 64, 128, None]
+COMPILER = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    if COMPILER is None:
+        pytest.skip("no C++ compiler on this machine: the kernel bodies cannot be emulated")
+    src = files("mlx_qat.kernels")
+    lib = tmp_path_factory.mktemp("kernels") / "fake_quant_host.so"
+    subprocess.run([COMPILER, "-O2", "-ffp-contract=off", "-shared", "-fPIC", f"-I{src}", "-o", str(lib),
+                    str(src.joinpath("host_emulation.cpp"))], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+def kernel_inputs(bits, group_size, dtype=np.float32, seed=0):
+    """Weights whose x = w/α hits rounding ties, clip edges and zero, plus random values."""
+    rng = np.random.default_rng(seed)
+    out_features, in_features = 6, 256
+    spec = QuantSpec(bits, group_size)
+    groups = 1 if group_size is None else in_features // group_size
+    alpha = (2.0 ** rng.integers(-3, 3, size=(out_features, groups))).astype(np.float32)
+    alpha[0, 0] = 0.0  # clamped to 1e-5
+    special = np.array([0, 0.5, -0.5, 1.5, -1.5, 2.5, 0.99, -0.99, 1.0, -1.0, 0.25, 0.75, -0.25,
+                        spec.qp, spec.qn, spec.qp + 0.5, spec.qn - 0.5, spec.qp + 1, spec.qn - 1], dtype=np.float32)
+    x = rng.uniform(spec.qn - 2, spec.qp + 2, size=(out_features, in_features)).astype(np.float32)
+    x[:, : len(special)] = special
+    a_full = np.repeat(alpha, in_features // groups, axis=1)
+    w = (x * np.maximum(a_full, MIN_SCALE)).astype(dtype)
+    g = rng.normal(size=w.shape).astype(dtype)
+    return spec, w, alpha, g
+
+
+def constants(spec, w):
+    kinds = {k: v for k, v in gpu.KINDS.items()}
+    group = spec.group_size_for(w.shape[1])
+    return [kinds[spec.kind], spec.qn, spec.qp, group, w.shape[1], w.shape[1] // group, w.size]
+
+
+def run_host(host, suffix, spec, w, alpha, g):
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    out, dw, elem = np.empty_like(w), np.empty_like(w), np.empty(w.shape, np.float32)
+    getattr(host, f"forward_{suffix}")(ptr(w), ptr(alpha), ptr(out), *constants(spec, w))
+    getattr(host, f"backward_{suffix}")(ptr(w), ptr(alpha), ptr(g), ptr(dw), ptr(elem), *constants(spec, w))
+    return out, dw, elem
+
+
+def reference(spec, w, alpha, g):
+    """The MLX path: fake_quant and its VJP, and the per-element α contribution g·unit."""
+    w, alpha, g = mx.array(w), mx.array(alpha), mx.array(g)
+    out, vjp = mx.vjp(lambda w, a: fake_quant(w, a, spec, backend="mlx"), [w, alpha], [g])
+    a = mx.maximum(alpha, MIN_SCALE)[..., None]
+    _, unit = straight_through(grouped(w, spec).astype(mx.float32) / a, spec)
+    elem = (grouped(g, spec).astype(mx.float32) * unit).reshape(w.shape)
+    return np.array(out[0]), np.array(vjp[0]), np.array(elem)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("group_size", GRANULARITIES)
+def test_shared_body_matches_mlx_float32(host, bits, group_size):
+    spec, w, alpha, g = kernel_inputs(bits, group_size)
+    out, dw, elem = run_host(host, "f32", spec, w, alpha, g)
+    ref_out, ref_dw, ref_elem = reference(spec, w, alpha, g)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(dw, ref_dw)
+    np.testing.assert_array_equal(elem, ref_elem)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_shared_body_matches_mlx_float16(host, bits):
+    if not hasattr(host, "forward_f16"):
+        pytest.skip("this C++ compiler has no _Float16")
+    spec, w, alpha, g = kernel_inputs(bits, 64, dtype=np.float16, seed=1)
+    out, dw, elem = run_host(host, "f16", spec, w, alpha, g)
+    ref_out, ref_dw, ref_elem = reference(spec, w, alpha, g)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(dw, ref_dw)
+    np.testing.assert_array_equal(elem, ref_elem)
+
+
+def test_preambles_define_what_the_bodies_use():
+    bodies = gpu.source("fake_quant_forward.inc") + gpu.source("fake_quant_backward.inc")
+    for name in ("THREAD_INDEX", "ABS", "RINT", "CLAMP", "MUL", "ADD", "SUB", "DIV"):
+        assert name in bodies
+        for preamble in ("metal.h", "cuda.h"):
+            assert f"#define {name}" in gpu.source(preamble), (preamble, name)
+
+
+def test_kernels_are_built_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mx.fast, "metal_kernel", lambda **kw: calls.append(kw) or object())
+    gpu.build.cache_clear()
+    try:
+        for _ in range(3):
+            gpu.build("metal", "forward")
+            gpu.build("metal", "backward")
+    finally:
+        gpu.build.cache_clear()
+    assert [c["name"] for c in calls] == ["mlx_qat_fake_quant_forward", "mlx_qat_fake_quant_backward"]
+    assert calls[0]["header"] == gpu.source("metal.h") and calls[0]["source"] == gpu.source("fake_quant_forward.inc")
+    assert calls[1]["input_names"] == ["w", "alpha", "cotangent"] and calls[1]["output_names"] == ["dw", "dalpha_elem"]
+
+
+def test_dispatch(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    assert select_backend() == ("mlx" if mx.default_device() == mx.cpu else available_backends()[-1])
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert select_backend() == "metal"
+    monkeypatch.setenv(BACKEND_ENV_VAR, "mlx")
+    assert select_backend() == "mlx"
+    monkeypatch.setenv(BACKEND_ENV_VAR, "cuda")
+    if not mx.cuda.is_available():
+        with pytest.raises(ValueError, match="not available here"):
+            select_backend()
+
+
+@pytest.mark.skipif(not (mx.metal.is_available() or mx.cuda.is_available()), reason="needs a Metal or CUDA GPU")
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("group_size", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_gpu_kernel_matches_reference(bits, group_size, dtype):
+    spec, w, alpha, g = kernel_inputs(bits, group_size)
+    w, alpha, g = mx.array(w).astype(dtype), mx.array(alpha), mx.array(g).astype(dtype)
+    name = available_backends()[-1]
+    f = lambda backend: mx.vjp(lambda w, a: fake_quant(w, a, spec, backend=backend), [w, alpha], [g])  # noqa: E731
+    (out, ), (dw, dalpha) = f(name)
+    with mx.stream(mx.cpu):
+        (ref_out, ), (ref_dw, ref_dalpha) = f("mlx")
+    exact = dtype == mx.float32
+    assert mx.array_equal(out, ref_out).item() if exact else mx.allclose(out, ref_out, atol=1e-2).item()
+    assert mx.array_equal(dw, ref_dw).item()
+    assert mx.allclose(dalpha, ref_dalpha, rtol=1e-4, atol=1e-6).item()
