@@ -221,6 +221,7 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress:
         lr = schedule(tokens + plan.tokens_per_step / 2)  # the LR at the middle of this step
         optimizer.learning_rate = lr
         loss = step_fn(mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)))
+        mx.async_eval(loss, model.state, optimizer.state)  # compute this step while the next batch is read
         window_tokens += plan.tokens_per_step
 
         done = step + 1

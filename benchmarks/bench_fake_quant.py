@@ -1,0 +1,135 @@
+"""fake_quant forward+backward: this path vs the naive straight-through composite, and
+effective bandwidth vs the machine's copy bandwidth, measured in one run.
+
+The naive composite is the usual autograd formulation (LSQ paper, ParetoQ's reference code
+style): ŵ = α_s · (x + stop_gradient(q(x) − x)) with the α gradient scaled by s through
+α_s = α·s + stop_gradient(α − α·s) and the straight-through mask written as clip/where ops.
+Bytes moved per element: forward reads w and writes ŵ, backward reads w and g and writes dw
+(20 bytes in float32; α is negligible). Copy bandwidth: numpy copy on the CPU, a device copy
+on a GPU.
+
+    python benchmarks/bench_fake_quant.py [--bits 2 4] [--sizes 1 4 16 64] [--out benchmarks/results/fake_quant_cpu.json]
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import mlx_qat  # noqa: F401  (fast BLAS first)
+from mlx_qat import QuantSpec, fake_quant, init_scale
+from mlx_qat.fake_quant import available_backends
+from mlx_qat.quantizers import CLIP, gradient_scale, level
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def naive(w, alpha, spec: QuantSpec):
+    """The composite others write: STE via stop_gradient, LSQ gradient scale via a detached trick."""
+    s = gradient_scale(w.size, spec)
+    a = alpha * s + mx.stop_gradient(alpha - alpha * s)
+    a = mx.maximum(a, 1e-5)
+    g = spec.group_size_for(w.shape[1])
+    x = w.reshape(w.shape[0], -1, g) / a[..., None]
+    if spec.kind == "binary":
+        x_c = x
+        passes = mx.abs(x) <= 1
+    elif spec.kind == "lsq":
+        x_c = mx.clip(x, spec.qn, spec.qp)
+        passes = None
+    else:
+        x_c = mx.clip(x, -CLIP, CLIP)
+        passes = None
+    q = level(x_c, spec)
+    x_ste = x_c + mx.stop_gradient(q - x_c)
+    if passes is not None:  # binary: pass the gradient inside |x| <= 1 only
+        x_ste = mx.where(passes, x_ste, mx.stop_gradient(x_ste))
+    return (x_ste * a[..., None]).reshape(w.shape)
+
+
+def timed(fn, repeats: int) -> float:
+    mx.eval(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def copy_bandwidth(n: int, repeats: int) -> float:
+    """Bytes per second of a plain copy of n float32s (read + write)."""
+    if mx.default_device() == mx.cpu:
+        src, dst = np.random.rand(n).astype(np.float32), np.empty(n, np.float32)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.copyto(dst, src)
+            best = min(best, time.perf_counter() - start)
+    else:
+        src = mx.random.uniform(shape=(n,))
+        best = timed(lambda: mx.array(src) + 0, repeats)  # a device-to-device pass
+    return 8 * n / best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=float, nargs="+", default=[2, 4])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="millions of elements")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    backend = available_backends()[-1] if mx.default_device() != mx.cpu else "mlx"
+    rows = []
+    for millions in args.sizes:
+        n = millions * 2**20
+        rows_ = 1024 * int(np.sqrt(millions)) if millions in (1, 4, 16, 64) else 1024
+        cols = n // rows_
+        w = mx.random.normal((rows_, cols))
+        g = mx.random.normal((rows_, cols))
+        copy = copy_bandwidth(n, args.repeats)
+        for bits in args.bits:
+            spec = QuantSpec(bits, args.group_size)
+            alpha = init_scale(w, spec)
+            mx.eval(w, g, alpha)
+            # Ours as it runs in training: inside a compiled step.
+            ours_vjp = mx.compile(lambda w, a, g: mx.vjp(lambda w, a: fake_quant(w, a, spec, backend=backend), [w, a], [g]))
+            ours = lambda: ours_vjp(w, alpha, g)  # noqa: E731
+            composite = lambda w, a: naive(w, a, spec)  # noqa: E731
+            eager = lambda: mx.vjp(composite, [w, alpha], [g])  # noqa: E731
+            compiled_vjp = mx.compile(lambda w, a, g: mx.vjp(composite, [w, a], [g]))
+            t_ours = timed(ours, args.repeats)
+            t_eager = timed(eager, args.repeats)
+            t_compiled = timed(lambda: compiled_vjp(w, alpha, g), args.repeats)
+            bandwidth = 20 * n / t_ours
+            rows.append({
+                "elements": n, "shape": [rows_, cols], "bits": bits, "group_size": args.group_size,
+                "ours_ms": round(1e3 * t_ours, 2), "naive_eager_ms": round(1e3 * t_eager, 2),
+                "naive_compiled_ms": round(1e3 * t_compiled, 2),
+                "speedup_vs_naive_eager": round(t_eager / t_ours, 2),
+                "speedup_vs_naive_compiled": round(t_compiled / t_ours, 2),
+                "effective_GBps": round(bandwidth / 1e9, 2), "copy_GBps": round(copy / 1e9, 2),
+                "fraction_of_copy_bandwidth": round(bandwidth / copy, 3),
+            })
+            print(json.dumps(rows[-1]))
+    result = {
+        "command": "python benchmarks/bench_fake_quant.py " + " ".join(
+            [f"--bits {' '.join(map(str, args.bits))}", f"--sizes {' '.join(map(str, args.sizes))}"]),
+        "backend": backend,
+        "device": str(mx.default_device()),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "mlx": mx.__version__,
+        "targets": {"speedup_vs_naive": 3.0, "fraction_of_copy_bandwidth_cpu": 0.5, "fraction_of_copy_bandwidth_cuda": 0.7},
+        "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
