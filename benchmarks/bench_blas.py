@@ -5,10 +5,10 @@ Target (issue: QAT core): MLX >= 0.8x numpy's GFLOP/s on the same machine.
 """
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
+
+from common import emit, machine
 
 import mlx_qat  # noqa: F401  (loads the optimized BLAS before mlx.core)
 from mlx_qat import blas
@@ -40,17 +40,14 @@ def main():
         numpy_runs.append(numpy_gflops(args.size))
     result = {
         "size": args.size,
-        "machine": f"{platform.system()} {platform.machine()}",
+        "machine": machine(),
         "blas": Path(blas.describe()).name if blas.loaded else blas.describe(),
         "mlx_gflops": max(mlx_runs),
         "numpy_gflops": max(numpy_runs),
         "ratio": max(mlx_runs) / max(numpy_runs),
         "target_ratio": 0.8,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

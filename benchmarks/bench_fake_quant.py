@@ -13,11 +13,10 @@ on a GPU.
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
+from common import emit, machine
 from mlx_qat import QuantSpec, fake_quant, init_scale
 from mlx_qat.fake_quant import available_backends
 from mlx_qat.quantizers import CLIP, gradient_scale, level
@@ -121,14 +120,12 @@ def main():
             [f"--bits {' '.join(map(str, args.bits))}", f"--sizes {' '.join(map(str, args.sizes))}"]),
         "backend": backend,
         "device": str(mx.default_device()),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "mlx": mx.__version__,
         "targets": {"speedup_vs_naive": 3.0, "fraction_of_copy_bandwidth_cpu": 0.5, "fraction_of_copy_bandwidth_cuda": 0.7},
         "rows": rows,
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,11 @@ Target (issue: the scaling law): < 2 minutes on a 2-core machine with >= 100 res
 """
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import numpy as np
 
+from common import emit, machine
 from mlx_qat import fit
 from mlx_qat.law import Law
 
@@ -36,12 +34,9 @@ def main():
         "target_seconds": 120,
         "r2": round(result.r2, 5),
         "converged": result.converged,
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
     }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,17 @@ PyTorch is optional (pip install torch); without it that part is skipped.
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
+from common import emit, machine
 from mlx_qat import config, data, model as models, train
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 def time_steps(steps, batches, warmup: int = 3) -> list:
@@ -189,7 +188,7 @@ def main():
 
     result = {
         "command": f"python benchmarks/bench_train.py --config {args.config} --steps {args.steps}",
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "mlx": mx.__version__,
         "config": str(args.config),
         "batch": [cfg.batch_size, cfg.seq_len],
@@ -206,10 +205,7 @@ def main():
         result["mlx_speed_vs_torch_eager"] = round(torch_result["eager_step_s"] / mlx_result["fp_step_s"], 3)
         if "compiled_step_s" in torch_result:
             result["mlx_speed_vs_torch_compile"] = round(torch_result["compiled_step_s"] / mlx_result["fp_step_s"], 3)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

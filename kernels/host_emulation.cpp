@@ -4,35 +4,32 @@
 
 #define THREAD_INDEX thread
 #define CONSTANTS int KIND, int QN, int QP, int GROUP, int IN_FEATURES, int N_GROUPS, int N
+#define PASS_CONSTANTS KIND, QN, QP, GROUP, IN_FEATURES, N_GROUPS, N
 
-extern "C" void forward_f32(const float* w, const float* alpha, float* out, CONSTANTS) {
-  typedef float T;
+template <typename T>
+void forward(const T* w, const float* alpha, T* out, CONSTANTS) {
   for (uint thread = 0; thread < uint(N); ++thread) {
 #include "fake_quant_forward.inc"
   }
 }
 
-extern "C" void backward_f32(const float* w, const float* alpha, const float* cotangent, float* dw,
-                             float* dalpha_elem, CONSTANTS) {
-  typedef float T;
+template <typename T>
+void backward(const T* w, const float* alpha, const T* cotangent, T* dw, float* dalpha_elem, CONSTANTS) {
   for (uint thread = 0; thread < uint(N); ++thread) {
 #include "fake_quant_backward.inc"
   }
 }
 
+#define EXPORT(SUFFIX, TYPE)                                                                        \
+  extern "C" void forward_##SUFFIX(const TYPE* w, const float* alpha, TYPE* out, CONSTANTS) {       \
+    forward<TYPE>(w, alpha, out, PASS_CONSTANTS);                                                   \
+  }                                                                                                 \
+  extern "C" void backward_##SUFFIX(const TYPE* w, const float* alpha, const TYPE* cotangent,       \
+                                    TYPE* dw, float* dalpha_elem, CONSTANTS) {                      \
+    backward<TYPE>(w, alpha, cotangent, dw, dalpha_elem, PASS_CONSTANTS);                           \
+  }
+
+EXPORT(f32, float)
 #ifdef __FLT16_MAX__
-extern "C" void forward_f16(const _Float16* w, const float* alpha, _Float16* out, CONSTANTS) {
-  typedef _Float16 T;
-  for (uint thread = 0; thread < uint(N); ++thread) {
-#include "fake_quant_forward.inc"
-  }
-}
-
-extern "C" void backward_f16(const _Float16* w, const float* alpha, const _Float16* cotangent, _Float16* dw,
-                             float* dalpha_elem, CONSTANTS) {
-  typedef _Float16 T;
-  for (uint thread = 0; thread < uint(N); ++thread) {
-#include "fake_quant_backward.inc"
-  }
-}
+EXPORT(f16, _Float16)
 #endif

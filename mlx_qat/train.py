@@ -10,7 +10,6 @@ f̂ = exp(−6.7297 / ln S_total), S_total = D_total / (N · B/8).
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -240,7 +239,8 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress:
             if done % cfg.eval_every == 0 and done != plan.total_steps:
                 record["val_loss"] = evaluate(model, val_batches())
             metrics.log(**record)
-            bar.set_postfix(phase=phase, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(phase=phase, tokens=f"{record['tokens']:,}", loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
         if done % cfg.checkpoint_every == 0 and done != plan.total_steps:
             mx.eval(model.parameters(), optimizer.state)
             meta = {"step": done, "phase": phase, "seed": cfg.seed, "metrics_records": metrics.count(), "config": cfg.to_dict()}

@@ -75,22 +75,27 @@ class Killed(Exception):
     pass
 
 
-def test_resume_in_the_qat_phase_matches_an_uninterrupted_run(dataset, tmp_path, monkeypatch):
-    cfg = micro(dataset)
-    train.run(cfg, tmp_path / "whole", show_progress=False)
-
+def run_until_killed(cfg, out, monkeypatch, at_step=None):
+    """Run until just after the checkpoint at `at_step` (the first one if None) is written."""
     save = checkpoint.save
 
     def save_then_die(out, model, optimizer, meta):
         save(out, model, optimizer, meta)
-        if meta["step"] == 30:  # past the switch at step 24
-            assert isinstance(model.model.layers[0].mlp.up_proj, QATLinear)
-            raise Killed
+        if at_step is None or meta["step"] == at_step:
+            raise Killed(model)
 
     monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Killed):
-        train.run(cfg, tmp_path / "cut", show_progress=False)
+    with pytest.raises(Killed) as killed:
+        train.run(cfg, out, show_progress=False)
     monkeypatch.setattr(checkpoint, "save", save)
+    return killed.value.args[0]
+
+
+def test_resume_in_the_qat_phase_matches_an_uninterrupted_run(dataset, tmp_path, monkeypatch):
+    cfg = micro(dataset)
+    train.run(cfg, tmp_path / "whole", show_progress=False)
+    model = run_until_killed(cfg, tmp_path / "cut", monkeypatch, at_step=30)  # past the switch at step 24
+    assert isinstance(model.model.layers[0].mlp.up_proj, QATLinear)
     train.run(cfg, tmp_path / "cut", resume=True, show_progress=False)
 
     whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
@@ -123,36 +128,16 @@ def test_killed_process_resumes_with_the_same_losses(dataset, tmp_path):
 
 
 def test_resume_refuses_a_changed_config(dataset, tmp_path, monkeypatch):
-    cfg = micro(dataset)
-    save = checkpoint.save
-
-    def save_then_die(*args):
-        save(*args)
-        raise Killed
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Killed):
-        train.run(cfg, tmp_path / "run", show_progress=False)
-    monkeypatch.setattr(checkpoint, "save", save)
+    run_until_killed(micro(dataset), tmp_path / "run", monkeypatch)
     with pytest.raises(train.TrainingError, match="bits: 2 -> 4"):
         train.run(micro(dataset, bits=4), tmp_path / "run", resume=True, show_progress=False)
 
 
 def test_corrupt_checkpoint_is_reported(dataset, tmp_path, monkeypatch):
-    cfg = micro(dataset)
-    save = checkpoint.save
-
-    def save_then_die(*args):
-        save(*args)
-        raise Killed
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Killed):
-        train.run(cfg, tmp_path / "run", show_progress=False)
-    monkeypatch.setattr(checkpoint, "save", save)
+    run_until_killed(micro(dataset), tmp_path / "run", monkeypatch)
     (tmp_path / "run" / "checkpoint" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
-        train.run(cfg, tmp_path / "run", resume=True, show_progress=False)
+        train.run(micro(dataset), tmp_path / "run", resume=True, show_progress=False)
 
 
 def test_divergence_stops_the_run_and_keeps_the_checkpoint(dataset, tmp_path):
