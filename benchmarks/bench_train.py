@@ -3,8 +3,8 @@
 1. loop overhead: tokens/s of `python -m mlx_qat.train`'s loop vs the bare compiled step;
 2. QAT step time / FP step time;
 3. MLX vs PyTorch (CPU, eager and torch.compile) on the same llama architecture, batch and
-   threads, with where MLX's step time goes (the LM head + cross-entropy vs the rest, and what
-   whole-step mx.compile buys).
+   threads, with where MLX's step time goes (the LM head + cross-entropy vs the rest) and what
+   whole-step mx.compile and each fused op (attention, RMSNorm, RoPE) buy.
 
     python benchmarks/bench_train.py [--config configs/small.yaml] [--steps 20] [--out benchmarks/results/train_cpu.json]
 
@@ -72,6 +72,68 @@ def mlx_steps(cfg, dataset, n):
     fp, eager, qat, head_time = time_steps([fp_step, eager_step, qat_step, lambda b: head_grad(hidden, head, b[:, 1:])], batches)
     return {"n_params": models.num_params(fp_model), "fp_step_s": fp, "fp_step_uncompiled_s": eager,
             "qat_step_s": qat, "qat_over_fp": qat / fp, "head_and_loss_fwd_bwd_s": head_time}
+
+
+def fused_op_gains(cfg, args_) -> dict:
+    """What each of MLX's fused ops buys over the same math in plain MLX ops (forward+backward
+    on one layer's shapes, compiled): time of the plain version / time of the fused one."""
+    b, t, h = cfg.batch_size, cfg.seq_len, args_.hidden_size
+    heads, d = args_.num_attention_heads, args_.hidden_size // args_.num_attention_heads
+    q, k, v = (mx.random.normal((b, heads, t, d)) for _ in range(3))
+    x, weight = mx.random.normal((b, t, h)), mx.ones((h,))
+    scale = d**-0.5
+    causal = mx.triu(mx.full((t, t), -mx.inf), k=1)
+    inv = 1.0 / (args_.rope_theta ** (mx.arange(0, d, 2) / d))
+    freqs = mx.arange(t)[:, None] * inv[None]
+    cos, sin = mx.concatenate([mx.cos(freqs)] * 2, -1), mx.concatenate([mx.sin(freqs)] * 2, -1)
+
+    def rotate(y):
+        y1, y2 = y[..., : d // 2], y[..., d // 2:]
+        return y * cos + mx.concatenate([-y2, y1], -1) * sin
+
+    pairs = {
+        "scaled_dot_product_attention": (
+            lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"),
+            lambda q, k, v: mx.softmax((q * scale) @ k.swapaxes(-1, -2) + causal, axis=-1) @ v, (q, k, v)),
+        "rms_norm": (lambda x: mx.fast.rms_norm(x, weight, 1e-5),
+                     lambda x: x * mx.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * weight, (x,)),
+        "rope": (lambda q: mx.fast.rope(q, d, traditional=False, base=args_.rope_theta, scale=1.0, offset=0),
+                 rotate, (q,)),
+    }
+    gains = {}
+    for name, (fused, plain, inputs) in pairs.items():
+        argnums = tuple(range(len(inputs)))
+        f = mx.compile(mx.grad(lambda *a: fused(*a).sum(), argnums=argnums))
+        p = mx.compile(mx.grad(lambda *a: plain(*a).sum(), argnums=argnums))
+        t_fused, t_plain = time_steps([lambda _: f(*inputs), lambda _: p(*inputs)], list(range(8)))
+        gains[name] = {"fused_ms": round(1e3 * t_fused, 2), "plain_ms": round(1e3 * t_plain, 2),
+                       "speedup": round(t_plain / t_fused, 3)}
+    return gains
+
+
+def layer_breakdown(cfg, dataset) -> dict:
+    """Milliseconds per layer, forward+backward, compiled: where a step's time goes."""
+    model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
+    layer, args_ = model.model.layers[0], model.args
+    h = mx.random.normal((cfg.batch_size, cfg.seq_len, args_.hidden_size))
+    heads, d = args_.num_attention_heads, args_.hidden_size // args_.num_attention_heads
+    q = mx.random.normal((cfg.batch_size, heads, cfg.seq_len, d))
+    act = mx.random.normal((cfg.batch_size, cfg.seq_len, args_.intermediate_size))
+    parts = {
+        "attention_block": (lambda h: layer.self_attn(h, mask="causal").sum(), h),
+        "scaled_dot_product_attention": (
+            lambda q: mx.fast.scaled_dot_product_attention(q, q, q, scale=d**-0.5, mask="causal").sum(), q),
+        "mlp_block": (lambda h: layer.mlp(h).sum(), h),
+        "silu": (lambda a: nn.silu(a).sum(), act),
+        "one_projection": (lambda h: (h @ layer.mlp.gate_proj.weight.T).sum(), h),
+    }
+    fns = [(mx.compile(mx.grad(f)), x) for f, x in parts.values()]
+    times = time_steps([lambda _, f=f, x=x: f(x) for f, x in fns], list(range(8)))
+    out = {name: round(1e3 * t, 1) for name, t in zip(parts, times)}
+    big = mx.random.normal((2**23,))
+    (t_exp,) = time_steps([lambda _: mx.exp(big)], list(range(6)))
+    out["exp_million_elements_per_s"] = round(big.size / t_exp / 1e6, 1)
+    return out
 
 
 def loop_throughput(cfg, steps: int) -> float:
@@ -177,17 +239,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/small.yaml"))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, help="override the config's batch size")
+    parser.add_argument("--seq-len", type=int, help="override the config's sequence length")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
-    cfg = config.load(args.config)
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v}
+    cfg = config.load(args.config, overrides)
     dataset = train.load_data(cfg)
     mlx_result = mlx_steps(cfg, dataset, args.steps)
     loop = loop_throughput(cfg, args.steps + 10)
     bare = cfg.tokens_per_step / mlx_result["fp_step_s"]
-    torch_result = torch_steps(cfg, models.model_args(cfg.model, dataset.vocab_size), args.steps)
+    model_args = models.model_args(cfg.model, dataset.vocab_size)
+    torch_result = torch_steps(cfg, model_args, args.steps)
+    gains = fused_op_gains(cfg, model_args)
+    breakdown = layer_breakdown(cfg, dataset)
 
     result = {
-        "command": f"python benchmarks/bench_train.py --config {args.config} --steps {args.steps}",
+        "command": f"python benchmarks/bench_train.py --config {args.config} --steps {args.steps}"
+                   + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items()),
         "machine": machine(),
         "mlx": mx.__version__,
         "config": str(args.config),
@@ -198,6 +267,8 @@ def main():
         "loop_overhead": round(bare / loop - 1, 4),
         "compile_speedup": round(mlx_result["fp_step_uncompiled_s"] / mlx_result["fp_step_s"], 3),
         "head_and_loss_share_of_fp_step": round(mlx_result["head_and_loss_fwd_bwd_s"] / mlx_result["fp_step_s"], 3),
+        "fused_op_gains_per_layer": gains,
+        "per_layer_fwd_bwd_ms": breakdown,
         "targets": {"loop_overhead": 0.05, "qat_over_fp": 1.03, "mlx_over_torch_eager": 0.6},
     }
     if torch_result:

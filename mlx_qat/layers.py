@@ -117,10 +117,15 @@ class QATEmbedding(nn.Module):
         return fake_quant(self.weight, self.alpha, self.spec)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        return self.quantized_weight()[ids]
+        w_hat = self.quantized_weight()
+        # A tied head (as_linear) later in the same forward pass reuses ŵ instead of fake-quantizing
+        # the embedding twice; kept outside the parameter dict, and consumed once.
+        object.__setattr__(self, "_w_hat_for_head", w_hat)
+        return w_hat[ids]
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return x @ self.quantized_weight().T
+        w_hat = self.__dict__.pop("_w_hat_for_head", None)
+        return x @ (self.quantized_weight() if w_hat is None else w_hat).T
 
     def to_quantized(self, scales_dtype=mx.float32) -> nn.QuantizedEmbedding:
         weight, scales, biases, group_size = quantized_tensors(self.weight, self.alpha, self.spec, scales_dtype)

@@ -152,7 +152,7 @@ def level(x: mx.array, spec: QuantSpec) -> mx.array:
     if spec.kind == "ternary":
         return mx.round(mx.clip(x, -CLIP, CLIP) * 1.5) / 1.5
     if spec.kind == "seq":
-        return (mx.round(mx.clip(x, -CLIP, CLIP) * 2 - 0.5) + 0.5) / 2
+        return (mx.round(mx.clip(x, -CLIP, CLIP) * 2 - 0.5) + 0.5) * 0.5  # = / 2, exactly
     return mx.clip(mx.round(x), spec.qn, spec.qp)
 
 
@@ -166,7 +166,7 @@ def straight_through(x: mx.array, spec: QuantSpec) -> Tuple[mx.array, mx.array]:
     if spec.kind == "binary":
         return (mx.abs(x) <= 1), mx.where(x >= 0, 1.0, -1.0)
     if spec.kind in ("ternary", "seq"):
-        inside = mx.abs(x) <= CLIP
+        inside = mx.clip(x, -CLIP, CLIP) == x  # |x| <= 0.99, sharing the clip that level() computes
         edge = 1.0 if spec.kind == "ternary" else 0.75
         return inside, mx.where(inside, level(x, spec) - x, mx.where(x > 0, edge, -edge))
     below, above = x < spec.qn, x > spec.qp
