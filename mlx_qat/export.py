@@ -7,10 +7,10 @@ The directory loads with `mlx_lm.load` and generates with `mlx_lm.generate` unch
 """
 
 import dataclasses
-from functools import partial
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Union
 

@@ -25,6 +25,7 @@ from . import blas  # noqa: F401  (the fast BLAS, before mlx.core)
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import mlx_lm  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
@@ -156,6 +157,9 @@ def switch_to_qat(model: nn.Module, optimizer: optim.Optimizer, cfg: config.Trai
 # ---------------------------------------------------------------- the run
 
 
+RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache"}
+
+
 def _resumable(out: Path, cfg: config.TrainConfig) -> Optional[Path]:
     path = checkpoint.find(out)
     if path is None:
@@ -166,9 +170,6 @@ def _resumable(out: Path, cfg: config.TrainConfig) -> Optional[Path]:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise TrainingError(f"the config differs from the run in {out} ({diff}); resume with its config.yaml or use a new --out")
     return path
-
-
-RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache"}
 
 
 def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
@@ -224,14 +225,17 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress:
         window_tokens += plan.tokens_per_step
 
         done = step + 1
-        if done % cfg.report_every == 0 or done == plan.total_steps:
+        report_now = done % cfg.report_every == 0 or done == plan.total_steps
+        checkpoint_now = done % cfg.checkpoint_every == 0 and done != plan.total_steps
+        if report_now or checkpoint_now:  # never checkpoint a diverged model
             loss = loss.item()
             if not math.isfinite(loss):
                 bar.close()
                 raise TrainingError(
                     f"the loss became {loss} at step {done}; the last good checkpoint (step {last_good}) is kept in "
-                    f"{out}. Lower learning_rate or raise grad_clip's strictness, then --resume or start afresh"
+                    f"{out}. Lower learning_rate or grad_clip, then --resume or start afresh"
                 )
+        if report_now:
             elapsed = time.perf_counter() - window_start
             record = dict(step=done, tokens=done * plan.tokens_per_step, phase=phase, loss=loss, lr=lr,
                           tokens_per_s=window_tokens / elapsed)
@@ -241,7 +245,7 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress:
             metrics.log(**record)
             bar.set_postfix(phase=phase, tokens=f"{record['tokens']:,}", loss=f"{loss:.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
-        if done % cfg.checkpoint_every == 0 and done != plan.total_steps:
+        if checkpoint_now:
             mx.eval(model.parameters(), optimizer.state)
             meta = {"step": done, "phase": phase, "seed": cfg.seed, "metrics_records": metrics.count(), "config": cfg.to_dict()}
             checkpoint.save(out, model, optimizer, meta)
@@ -258,8 +262,6 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress:
         exported = export.export(model, model_dir, tokenizer=dataset.path, scales_dtype=cfg.export_scales, overwrite=True)
     else:
         exported = export.export_fp(model, model_dir, tokenizer=dataset.path, overwrite=True)
-    import mlx_lm
-
     loaded, _ = mlx_lm.load(str(model_dir))
     exported_loss = evaluate(loaded, val_batches())
 

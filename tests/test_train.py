@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,10 +142,13 @@ def test_corrupt_checkpoint_is_reported(dataset, tmp_path, monkeypatch):
 
 
 def test_divergence_stops_the_run_and_keeps_the_checkpoint(dataset, tmp_path):
-    cfg = micro(dataset, learning_rate=1e4, grad_clip=0.0, checkpoint_every=1, report_every=5)
-    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf).*last good checkpoint \(step \d+\)"):
+    cfg = micro(dataset, learning_rate=1e4, grad_clip=0.0, checkpoint_every=1, report_every=7)
+    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) at step (\d+).*last good checkpoint \(step (\d+)\)") as e:
         train.run(cfg, tmp_path / "run", show_progress=False)
-    assert checkpoint.find(tmp_path / "run") is not None
+    bad, good = map(int, re.search(r"at step (\d+).*\(step (\d+)\)", str(e.value)).groups())
+    assert good == bad - 1  # checked at every checkpoint step, not only at reports
+    saved = checkpoint.read_meta(checkpoint.find(tmp_path / "run"))
+    assert saved["step"] == good
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
