@@ -1,7 +1,6 @@
 // CUDA preamble for the shared fake-quant bodies. The _rn intrinsics are never contracted into
 // FMAs and divide with IEEE rounding, so float32 results equal the MLX reference bit for bit.
 typedef unsigned int uint;
-#define THREAD_INDEX (blockIdx.x * blockDim.x + threadIdx.x)
 #define RINT(x) rintf(x)
 #define ABS(x) fabsf(x)
 #define CLAMP(x, lo, hi) fminf(fmaxf((x), (lo)), (hi))

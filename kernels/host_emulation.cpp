@@ -2,20 +2,19 @@
 // Built by tests/test_kernels.py with the host compiler and called through ctypes.
 #include "host.h"
 
-#define THREAD_INDEX thread
 #define CONSTANTS int KIND, int QN, int QP, int GROUP, int IN_FEATURES, int N_GROUPS, int N
 #define PASS_CONSTANTS KIND, QN, QP, GROUP, IN_FEATURES, N_GROUPS, N
 
 template <typename T>
 void forward(const T* w, const float* alpha, T* out, CONSTANTS) {
-  for (uint thread = 0; thread < uint(N); ++thread) {
+  for (uint elem = 0; elem < uint(N); ++elem) {
 #include "fake_quant_forward.inc"
   }
 }
 
 template <typename T>
 void backward(const T* w, const float* alpha, const T* cotangent, T* dw, float* dalpha_elem, CONSTANTS) {
-  for (uint thread = 0; thread < uint(N); ++thread) {
+  for (uint elem = 0; elem < uint(N); ++elem) {
 #include "fake_quant_backward.inc"
   }
 }

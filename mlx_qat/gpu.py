@@ -16,6 +16,12 @@ from .quantizers import QuantSpec, gradient_scale
 
 KINDS = {"binary": 0, "ternary": 1, "seq": 2, "lsq": 3}
 THREADS = 256
+# Each backend's thread index, placed at the top of the kernel source (not the header): MLX adds
+# Metal's thread_position_in_grid to the signature only when the source names it.
+INDEX = {
+    "metal": "uint elem = thread_position_in_grid.x;",
+    "cuda": "uint elem = blockIdx.x * blockDim.x + threadIdx.x;",
+}
 
 
 def source(name: str) -> str:
@@ -31,7 +37,7 @@ def build(backend: str, direction: str):
         name=f"mlx_qat_fake_quant_{direction}",
         input_names=inputs,
         output_names=outputs,
-        source=source(f"fake_quant_{direction}.inc"),
+        source=INDEX[backend] + "\n" + source(f"fake_quant_{direction}.inc"),
         header=source(f"{backend}.h"),
     )
 

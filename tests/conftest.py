@@ -16,7 +16,7 @@ def random_text(n_lines: int, seed: int = 0) -> list:
     return [" ".join(rng.choices(words, k=rng.randint(3, 25))) for _ in range(n_lines)]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A small sentencepiece tokenizer saved as Hugging Face files (vocab 512)."""
     out = tmp_path_factory.mktemp("tokenizer")

@@ -101,10 +101,12 @@ def test_shared_body_matches_mlx_float16(host, bits):
 
 def test_preambles_define_what_the_bodies_use():
     bodies = gpu.source("fake_quant_forward.inc") + gpu.source("fake_quant_backward.inc")
-    for name in ("THREAD_INDEX", "ABS", "RINT", "CLAMP", "MUL", "ADD", "SUB", "DIV"):
+    for name in ("ABS", "RINT", "CLAMP", "MUL", "ADD", "SUB", "DIV"):
         assert name in bodies
         for preamble in ("metal.h", "cuda.h"):
             assert f"#define {name}" in gpu.source(preamble), (preamble, name)
+    # MLX builds Metal's signature from the names the source uses, so the index must be there.
+    assert "thread_position_in_grid" in gpu.INDEX["metal"]
 
 
 def test_kernels_are_built_once(monkeypatch):
@@ -118,7 +120,8 @@ def test_kernels_are_built_once(monkeypatch):
     finally:
         gpu.build.cache_clear()
     assert [c["name"] for c in calls] == ["mlx_qat_fake_quant_forward", "mlx_qat_fake_quant_backward"]
-    assert calls[0]["header"] == gpu.source("metal.h") and calls[0]["source"] == gpu.source("fake_quant_forward.inc")
+    assert calls[0]["header"] == gpu.source("metal.h")
+    assert calls[0]["source"] == gpu.INDEX["metal"] + "\n" + gpu.source("fake_quant_forward.inc")
     assert calls[1]["input_names"] == ["w", "alpha", "cotangent"] and calls[1]["output_names"] == ["dw", "dalpha_elem"]
 
 
