@@ -155,3 +155,37 @@ def test_gpu_kernel_matches_reference(bits, group_size, dtype):
     assert mx.array_equal(out, ref_out).item() if exact else mx.allclose(out, ref_out, atol=1e-2).item()
     assert mx.array_equal(dw, ref_dw).item()
     assert mx.allclose(dalpha, ref_dalpha, rtol=1e-4, atol=1e-6).item()
+
+
+def cuda_translation_unit() -> str:
+    """The CUDA kernels as MLX's cuda_kernel wraps them (header, signature, index line, body),
+    instantiated for every kind and weight type."""
+    signatures = {
+        "forward": "const T* w, const float* alpha, T* out",
+        "backward": "const T* w, const float* alpha, const T* cotangent, T* dw, float* dalpha_elem",
+    }
+    template = "template <typename T, int KIND, int QN, int QP, int GROUP, int IN_FEATURES, int N_GROUPS, int N>"
+    parts = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", gpu.source("cuda.h")]
+    for direction, params in signatures.items():
+        body = gpu.source(f"fake_quant_{direction}.inc")
+        parts.append(f"{template}\n__global__ void fake_quant_{direction}({params}) {{\n{gpu.INDEX['cuda']}\n{body}\n}}")
+    for t in ("float", "__half", "__nv_bfloat16"):
+        for kind, qn, qp in ((0, -1, 1), (1, -1, 1), (2, -1, 1), (3, -8, 7)):
+            args = f"{t}, {kind}, {qn}, {qp}, 64, 256, 4, 1024"
+            for direction, params in signatures.items():
+                parts.append(f"template __global__ void fake_quant_{direction}<{args}>({params.replace('T*', t + '*')});")
+    return "\n".join(parts) + "\n"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here: the CUDA source cannot be compiled")
+def test_cuda_source_compiles_without_fma(tmp_path):
+    src = tmp_path / "fake_quant.cu"
+    src.write_text(cuda_translation_unit())
+    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", "-o", str(tmp_path / "fq.ptx"), str(src)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ptx = (tmp_path / "fq.ptx").read_text()
+    assert ptx.count(".entry") == 24  # 2 directions x 4 kinds x 3 weight types
+    # Contracted multiply-adds would round once where the MLX reference rounds twice.
+    assert "fma.rn.f32" not in ptx and "mad.f32" not in ptx
+    assert "mul.rn.f32" in ptx and "div.rn.f32" in ptx
