@@ -18,7 +18,7 @@ import time
 import mlx_qat  # noqa: F401  (fast BLAS first)
 from common import emit, machine
 from mlx_qat import QuantSpec, fake_quant, init_scale
-from mlx_qat.fake_quant import available_backends
+from mlx_qat.fakequant import available_backends
 from mlx_qat.quantizers import CLIP, gradient_scale, level
 
 import mlx.core as mx  # noqa: E402

@@ -5,7 +5,7 @@ from . import blas
 blas.load()  # before mlx.core is first imported (see blas.py)
 
 try:
-    from .fake_quant import fake_quant
+    from .fakequant import fake_quant
     from .quantizers import QuantSpec, init_scale
 except ImportError:  # no MLX here: the planning modules (law, fit, plan) still work
     pass

@@ -5,7 +5,7 @@ import platform
 import time
 
 from . import blas  # noqa: F401  (importing mlx_qat loads the BLAS before mlx.core)
-from .fake_quant import select_backend
+from .fakequant import select_backend
 
 import mlx.core as mx  # noqa: E402
 

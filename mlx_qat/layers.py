@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map_with_path
 
-from .fake_quant import fake_quant
+from .fakequant import fake_quant
 from .quantizers import QuantSpec, affine_grid, codes, grouped, init_scale
 
 

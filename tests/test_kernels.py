@@ -5,6 +5,7 @@ preamble differs. float32 must match exactly; float16 too (one rounding of the s
 """
 
 import ctypes
+import warnings
 import shutil
 import subprocess
 from importlib.resources import files
@@ -15,7 +16,7 @@ import pytest
 
 from mlx_qat import QuantSpec, fake_quant
 from mlx_qat import gpu
-from mlx_qat.fake_quant import BACKEND_ENV_VAR, available_backends, select_backend
+from mlx_qat.fakequant import BACKEND_ENV_VAR, available_backends, select_backend
 from mlx_qat.quantizers import MIN_SCALE, grouped, straight_through
 
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 8]
@@ -148,7 +149,9 @@ def test_gpu_kernel_matches_reference(bits, group_size, dtype):
     w, alpha, g = mx.array(w).astype(dtype), mx.array(alpha), mx.array(g).astype(dtype)
     name = available_backends()[-1]
     f = lambda backend: mx.vjp(lambda w, a: fake_quant(w, a, spec, backend=backend), [w, alpha], [g])  # noqa: E731
-    (out, ), (dw, dalpha) = f(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a kernel that fails its self-check must fail here, not fall back
+        (out, ), (dw, dalpha) = f(name)
     with mx.stream(mx.cpu):
         (ref_out, ), (ref_dw, ref_dalpha) = f("mlx")
     exact = dtype == mx.float32
@@ -189,3 +192,39 @@ def test_cuda_source_compiles_without_fma(tmp_path):
     # Contracted multiply-adds would round once where the MLX reference rounds twice.
     assert "fma.rn.f32" not in ptx and "mad.f32" not in ptx
     assert "mul.rn.f32" in ptx and "div.rn.f32" in ptx
+
+
+def test_gpu_kernels_are_checked_against_the_reference(monkeypatch):
+    """A kernel that computes something else (or fails to build) is replaced, with a warning."""
+    from mlx_qat import fakequant as fq
+
+    spec = QuantSpec(2, 64)
+    w = mx.random.normal((8, 128), key=mx.random.key(2))
+    alpha = mx.full((8, 2), 0.5)
+    reference = fake_quant(w, alpha, spec, backend="mlx")
+
+    def wrong(spec):
+        forward, backward = fq._mlx_backend(spec)
+        return (lambda w, a: forward(w, a) * 1.001), backward
+
+    def broken(spec):
+        def fail(*args):
+            raise RuntimeError("kernel did not compile")
+        return fail, fail
+
+    def faithful(spec):
+        return fq._mlx_backend(spec)
+
+    for name, make, should_warn in (("wrong", wrong, "differ"), ("broken", broken, "did not compile"), ("faithful", faithful, None)):
+        monkeypatch.setitem(fq.BACKENDS, name, make)
+        fq._op.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fake_quant(w, alpha, spec, backend=name)
+        messages = [str(c.message) for c in caught]
+        assert mx.array_equal(out, reference).item()  # the fallback (or the good kernel) is exact
+        if should_warn:
+            assert any(should_warn in m and "failed its self-check" in m for m in messages), messages
+        else:
+            assert not messages
+    fq._op.cache_clear()

@@ -8,6 +8,7 @@ kernels of gpu.py, built from the shared bodies in kernels/.
 
 import functools
 import os
+import warnings
 from typing import Callable, Dict, Tuple
 
 import mlx.core as mx
@@ -86,9 +87,42 @@ def select_backend() -> str:
     return available[-1]
 
 
+def _probe(spec: QuantSpec):
+    """A small weight whose x = w/α hits rounding ties, clip edges and zero, with α and g."""
+    group = spec.group_size or 64
+    x = mx.concatenate([
+        mx.array([0.0, 0.5, -0.5, 1.5, -1.5, 0.99, -0.99, 1.0, -1.0, spec.qp + 0.5, spec.qn - 0.5, spec.qp + 1.0]),
+        mx.random.uniform(spec.qn - 2, spec.qp + 2, (4 * group - 12,), key=mx.random.key(0)),
+    ]).reshape(2, 2 * group)
+    alpha = mx.full((2, 2 * group // group if spec.group_size else 1), 0.5)
+    return x * 0.5, alpha, mx.random.normal(x.shape, key=mx.random.key(1))
+
+
+def _check_kernel(spec: QuantSpec, forward: Forward, backward: Backward) -> str:
+    """'' if a GPU kernel reproduces the MLX reference on a probe, else what went wrong."""
+    w, alpha, g = _probe(spec)
+    ref_forward, ref_backward = _mlx_backend(spec)
+    try:
+        got = [forward(w, alpha), *backward(w, alpha, g)]
+        mx.eval(got)
+    except Exception as e:  # a kernel that does not compile or launch here
+        return f"{type(e).__name__}: {e}"
+    want = [ref_forward(w, alpha), *ref_backward(w, alpha, g)]
+    if not (mx.array_equal(got[0], want[0]).item() and mx.array_equal(got[1], want[1]).item()
+            and mx.allclose(got[2], want[2], rtol=1e-4, atol=1e-6).item()):
+        return "its results differ from the MLX reference"
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def _op(spec: QuantSpec, backend: str):
     forward, backward = BACKENDS[backend](spec)
+    if backend != "mlx":  # GPU kernels are checked against the reference once per spec
+        problem = _check_kernel(spec, forward, backward)
+        if problem:
+            warnings.warn(f"mlx_qat: the {backend} fake-quant kernel for {spec} failed its self-check ({problem}); "
+                          f"using the MLX-ops path instead. Set {BACKEND_ENV_VAR}=mlx to skip the kernels.", stacklevel=3)
+            forward, backward = _mlx_backend(spec)
 
     @mx.custom_function
     def op(w, alpha):
