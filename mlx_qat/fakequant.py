@@ -94,8 +94,8 @@ def _probe(spec: QuantSpec):
         mx.array([0.0, 0.5, -0.5, 1.5, -1.5, 0.99, -0.99, 1.0, -1.0, spec.qp + 0.5, spec.qn - 0.5, spec.qp + 1.0]),
         mx.random.uniform(spec.qn - 2, spec.qp + 2, (4 * group - 12,), key=mx.random.key(0)),
     ]).reshape(2, 2 * group)
-    alpha = mx.full((2, 2 * group // group if spec.group_size else 1), 0.5)
-    return x * 0.5, alpha, mx.random.normal(x.shape, key=mx.random.key(1))
+    groups = 2 if spec.group_size else 1  # each row holds two groups, or is one channel
+    return x * 0.5, mx.full((2, groups), 0.5), mx.random.normal(x.shape, key=mx.random.key(1))
 
 
 def _check_kernel(spec: QuantSpec, forward: Forward, backward: Backward) -> str:
