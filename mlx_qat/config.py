@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 import yaml
 
-from .quantizers import QuantSpec
+from .quantizers import QuantSpec, default_embedding_bits
 from .schedule import SCHEDULES
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
 
     @property
     def embedding_spec(self) -> QuantSpec:
-        bits = self.embedding_bits if self.embedding_bits is not None else max(self.bits, 4)
+        bits = self.embedding_bits if self.embedding_bits is not None else default_embedding_bits(self.bits)
         return QuantSpec(bits, self.group_size)
 
     def to_dict(self) -> dict:

@@ -13,15 +13,7 @@ from typing import Callable, Dict, Tuple
 
 import mlx.core as mx
 
-from .quantizers import (
-    MIN_SCALE,
-    QuantSpec,
-    affine_grid,
-    codes,
-    gradient_scale,
-    grouped,
-    straight_through,
-)
+from .quantizers import QuantSpec, affine_grid, codes, gradient_scale, grouped, scaled, straight_through
 
 BACKEND_ENV_VAR = "MLX_QAT_FAKE_QUANT"
 
@@ -31,14 +23,13 @@ Backward = Callable[[mx.array, mx.array, mx.array], Tuple[mx.array, mx.array]]
 
 def _mlx_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
     def forward(w, alpha):
-        a = mx.maximum(alpha, MIN_SCALE)[..., None]
+        x, a = scaled(w, alpha, spec)
         scale, bias = affine_grid(a, spec)
-        w_hat = codes(grouped(w, spec).astype(mx.float32) / a, spec) * scale + bias
-        return w_hat.reshape(w.shape).astype(w.dtype)
+        return (codes(x, spec) * scale + bias).reshape(w.shape).astype(w.dtype)
 
     def backward(w, alpha, g):
-        a = mx.maximum(alpha, MIN_SCALE)[..., None]
-        passes, unit = straight_through(grouped(w, spec).astype(mx.float32) / a, spec)
+        x, _ = scaled(w, alpha, spec)
+        passes, unit = straight_through(x, spec)
         g = grouped(g, spec).astype(mx.float32)
         dw = mx.where(passes, g, 0.0).reshape(w.shape).astype(w.dtype)
         dalpha = (g * unit).sum(axis=-1) * gradient_scale(w.size, spec)

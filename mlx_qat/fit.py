@@ -56,9 +56,6 @@ class Runs:
     def __len__(self):
         return len(self.loss)
 
-    def subset(self, idx) -> "Runs":
-        return Runs(self.n[idx], self.d_fp[idx], self.d_qat[idx], self.bits[idx], self.loss[idx])
-
     @property
     def is_qat(self) -> np.ndarray:
         return np.isfinite(self.bits)

@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_map_with_path
 
 from .fakequant import fake_quant
-from .quantizers import QuantSpec, affine_grid, codes, grouped, init_scale
+from .quantizers import QuantSpec, affine_grid, codes, default_embedding_bits, init_scale, scaled
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -44,10 +44,9 @@ def quantized_tensors(weight: mx.array, alpha: mx.array, spec: QuantSpec, scales
     group_size = spec.export_group_size(weight.shape[1])
     if spec.group_size is None:  # per-channel: the same α for every group of the row
         alpha = mx.repeat(alpha, weight.shape[1] // group_size, axis=1)
-    alpha = mx.maximum(alpha.astype(mx.float32), 1e-5)
-    x = grouped(weight.astype(mx.float32), QuantSpec(spec.bits, group_size)) / alpha[..., None]
+    x, a = scaled(weight, alpha, QuantSpec(spec.bits, group_size))
     q = codes(x, spec).reshape(weight.shape)
-    scale, bias = affine_grid(alpha, spec)
+    scale, bias = affine_grid(a[..., 0], spec)
     packed = mx.array(pack(np.array(q.astype(mx.uint32)), spec.storage_bits))
     return packed, scale.astype(scales_dtype), bias.astype(scales_dtype), group_size
 
@@ -135,11 +134,6 @@ class QATEmbedding(nn.Module):
 
     def _extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, {self.spec}"
-
-
-def default_embedding_bits(bits: float) -> float:
-    """The paper's choice: the embedding (and tied head) at max(B, 4) bits."""
-    return max(bits, 4)
 
 
 def to_qat(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[QuantSpec] = None) -> Dict[str, QuantSpec]:

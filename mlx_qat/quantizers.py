@@ -108,6 +108,20 @@ def grouped(w: mx.array, spec: QuantSpec) -> mx.array:
     return w.reshape(out_features, in_features // g, g)
 
 
+def scaled(w: mx.array, alpha: mx.array, spec: QuantSpec) -> Tuple[mx.array, mx.array]:
+    """(x, a): x = w / α per group in float32 [out, in / g, g], with a = max(α, 1e-5) [out, in / g, 1].
+
+    The op's forward and backward and the exporter all quantize this same x, which is what makes
+    the export bit-exact."""
+    a = mx.maximum(alpha.astype(mx.float32), MIN_SCALE)[..., None]
+    return grouped(w, spec).astype(mx.float32) / a, a
+
+
+def default_embedding_bits(bits: float) -> float:
+    """The paper's choice: the embedding (and tied head) at max(B, 4) bits."""
+    return max(bits, 4)
+
+
 def init_scale(w: mx.array, spec: QuantSpec) -> mx.array:
     """α per group from the weights: [out, in / group_size] (or [out, 1] per channel), float32."""
     if w.ndim != 2:

@@ -95,9 +95,11 @@ def load_data(cfg: config.TrainConfig) -> data.TokenData:
     inputs = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
     if len(inputs) == 1 and (Path(inputs[0]) / data.MANIFEST).exists():
         return data.TokenData.load(Path(inputs[0]))
+    # Named by the inputs' content hashes, so a complete directory here is already the right one.
     key = hashlib.sha256(json.dumps([data.fingerprint(inputs), cfg.vocab_size]).encode()).hexdigest()[:16]
     cache = Path(os.path.expanduser(cfg.data_cache)) / key
-    data.prepare(inputs, cfg.vocab_size, cache)
+    if not (cache / data.MANIFEST).exists():
+        data.prepare(inputs, cfg.vocab_size, cache)
     return data.TokenData.load(cache)
 
 
@@ -265,9 +267,10 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress:
     loaded, _ = mlx_lm.load(str(model_dir))
     exported_loss = evaluate(loaded, val_batches())
 
-    summary = report.summary(plan, metrics.read(), final_loss, exported_loss, exported, train_seconds, cfg)
+    records = metrics.read()
+    summary = report.summary(plan, records, final_loss, exported_loss, exported, train_seconds, cfg)
     report.write_summary(out, summary)
-    report.plot(metrics.read(), plan.fp_tokens if plan.qat_steps else None, out / "loss.png")
+    report.plot(records, plan.fp_tokens if plan.qat_steps else None, out / "loss.png")
     return summary
 
 
