@@ -18,7 +18,7 @@ import time
 import mlx_qat  # noqa: F401  (fast BLAS first)
 from common import emit, machine
 from mlx_qat import QuantSpec, fake_quant, init_scale
-from mlx_qat.fakequant import available_backends
+from mlx_qat.fakequant import select_backend
 from mlx_qat.quantizers import CLIP, gradient_scale, level
 
 import mlx.core as mx  # noqa: E402
@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
-    backend = available_backends()[-1] if mx.default_device() != mx.cpu else "mlx"
+    backend = select_backend()  # the fused kernel of this device; MLX_QAT_FAKE_QUANT=mlx for the reference
     rows = []
     for millions in args.sizes:
         n = millions * 2**20

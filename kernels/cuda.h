@@ -1,6 +1,7 @@
 // CUDA preamble for the shared fake-quant bodies. The _rn intrinsics are never contracted into
 // FMAs and divide with IEEE rounding, so float32 results equal the MLX reference bit for bit.
 typedef unsigned int uint;
+#define FN __device__ inline
 #define RINT(x) rintf(x)
 #define ABS(x) fabsf(x)
 #define CLAMP(x, lo, hi) fminf(fmaxf((x), (lo)), (hi))

@@ -3,9 +3,11 @@
 #include <cmath>
 #include <cstdint>
 typedef unsigned int uint;
+#define FN static inline
 #define RINT(x) std::rint(x)
 #define ABS(x) std::fabs(x)
-#define CLAMP(x, lo, hi) std::fmin(std::fmax((x), (lo)), (hi))
+// Comparisons, not fmin/fmax: they vectorize, and a NaN stays NaN as in MLX's clip.
+#define CLAMP(x, lo, hi) ((x) > (hi) ? (hi) : ((x) < (lo) ? (lo) : (x)))
 #define MUL(a, b) ((a) * (b))
 #define ADD(a, b) ((a) + (b))
 #define SUB(a, b) ((a) - (b))

@@ -1,6 +1,7 @@
 // The shared kernel bodies as plain C++ functions, one loop iteration per GPU thread.
 // Built by tests/test_kernels.py with the host compiler and called through ctypes.
 #include "host.h"
+#include "fake_quant.h"
 
 #define CONSTANTS int KIND, int QN, int QP, int GROUP, int IN_FEATURES, int N_GROUPS, int N
 #define PASS_CONSTANTS KIND, QN, QP, GROUP, IN_FEATURES, N_GROUPS, N

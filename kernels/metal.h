@@ -1,6 +1,7 @@
 // Metal preamble for the shared fake-quant bodies (the thread index line is in mlx_qat/gpu.py:
 // MLX adds thread_position_in_grid to the signature only when the kernel source names it).
 #pragma clang fp contract(off)
+#define FN inline
 #define RINT(x) metal::rint(x)
 #define ABS(x) metal::abs(x)
 #define CLAMP(x, lo, hi) metal::min(metal::max((x), (lo)), (hi))

@@ -2,8 +2,9 @@
 
 One `mx.custom_function` per (spec, backend) whose VJP is the straight-through estimator of
 `quantizers.straight_through`. The math lives in a backend: `mlx` is MLX ops under
-`mx.compile`, which MLX fuses into one generated kernel on the CPU; `metal` and `cuda` run the
-kernels of gpu.py, built from the shared bodies in kernels/.
+`mx.compile` (the reference); `cpu` is the fused, vectorized, multi-threaded kernel of cpu.py;
+`metal` and `cuda` run the kernels of gpu.py. All are built from the shared math in kernels/,
+and every kernel checks itself against the reference once per spec before it is used.
 """
 
 import functools
@@ -38,6 +39,22 @@ def _mlx_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
     return mx.compile(forward), mx.compile(backward)
 
 
+def _cpu_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
+    from . import cpu
+    from .gpu import KINDS
+
+    kernel, kind = cpu.load(), KINDS[spec.kind]
+
+    def forward(w, alpha):
+        return kernel.forward(w, alpha, kind, spec.qn, spec.qp)
+
+    def backward(w, alpha, g):
+        dw, dalpha = kernel.backward(w, alpha, g, kind, spec.qn, spec.qp, gradient_scale(w.size, spec))
+        return dw, dalpha.astype(alpha.dtype)
+
+    return forward, backward
+
+
 def _gpu_backend(name: str):
     def make(spec: QuantSpec):
         from . import gpu
@@ -50,13 +67,14 @@ def _gpu_backend(name: str):
 # name -> (spec -> (forward, backward))
 BACKENDS: Dict[str, Callable[[QuantSpec], Tuple[Forward, Backward]]] = {
     "mlx": _mlx_backend,
+    "cpu": _cpu_backend,
     "metal": _gpu_backend("metal"),
     "cuda": _gpu_backend("cuda"),
 }
 
 
 def available_backends() -> list:
-    found = ["mlx"]
+    found = ["mlx", "cpu"]
     if mx.metal.is_available():
         found.append("metal")
     if mx.cuda.is_available():
@@ -65,7 +83,7 @@ def available_backends() -> list:
 
 
 def select_backend() -> str:
-    """The kernel for the default device: Metal or CUDA on a GPU, MLX ops on the CPU.
+    """The kernel for the default device: Metal or CUDA on a GPU, the fused kernel on the CPU.
     $MLX_QAT_FAKE_QUANT=mlx forces the reference path (for debugging and benchmarks)."""
     available = available_backends()
     forced = os.environ.get(BACKEND_ENV_VAR)
@@ -74,7 +92,7 @@ def select_backend() -> str:
             raise ValueError(f"{BACKEND_ENV_VAR}={forced!r} is not available here; use one of {available}")
         return forced
     if mx.default_device() == mx.cpu:
-        return "mlx"
+        return "cpu"
     return available[-1]
 
 
@@ -90,13 +108,13 @@ def _probe(spec: QuantSpec):
 
 
 def _check_kernel(spec: QuantSpec, forward: Forward, backward: Backward) -> str:
-    """'' if a GPU kernel reproduces the MLX reference on a probe, else what went wrong."""
+    """'' if a kernel reproduces the MLX reference on a probe, else what went wrong."""
     w, alpha, g = _probe(spec)
     ref_forward, ref_backward = _mlx_backend(spec)
     try:
         got = [forward(w, alpha), *backward(w, alpha, g)]
         mx.eval(got)
-    except Exception as e:  # a kernel that does not compile or launch here
+    except Exception as e:  # a kernel that does not compile, load or launch here
         return f"{type(e).__name__}: {e}"
     want = [ref_forward(w, alpha), *ref_backward(w, alpha, g)]
     if not (mx.array_equal(got[0], want[0]).item() and mx.array_equal(got[1], want[1]).item()
@@ -105,15 +123,26 @@ def _check_kernel(spec: QuantSpec, forward: Forward, backward: Backward) -> str:
     return ""
 
 
+def _kernel(spec: QuantSpec, backend: str) -> Tuple[Forward, Backward]:
+    """The backend's (forward, backward), or the reference with a warning if that kernel
+    cannot be built here or disagrees with the reference."""
+    if backend == "mlx":
+        return _mlx_backend(spec)
+    try:
+        forward, backward = BACKENDS[backend](spec)
+        problem = _check_kernel(spec, forward, backward)
+    except RuntimeError as e:  # it cannot be built here
+        problem = str(e)
+    if not problem:
+        return forward, backward
+    warnings.warn(f"mlx_qat: the {backend} fake-quant kernel for {spec} is not usable ({problem}); using the "
+                  f"MLX-ops path instead. Set {BACKEND_ENV_VAR}=mlx to skip the kernels.", stacklevel=4)
+    return _mlx_backend(spec)
+
+
 @functools.lru_cache(maxsize=None)
 def _op(spec: QuantSpec, backend: str):
-    forward, backward = BACKENDS[backend](spec)
-    if backend != "mlx":  # GPU kernels are checked against the reference once per spec
-        problem = _check_kernel(spec, forward, backward)
-        if problem:
-            warnings.warn(f"mlx_qat: the {backend} fake-quant kernel for {spec} failed its self-check ({problem}); "
-                          f"using the MLX-ops path instead. Set {BACKEND_ENV_VAR}=mlx to skip the kernels.", stacklevel=3)
-            forward, backward = _mlx_backend(spec)
+    forward, backward = _kernel(spec, backend)
 
     @mx.custom_function
     def op(w, alpha):

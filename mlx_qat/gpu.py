@@ -1,7 +1,7 @@
 """Fake-quant GPU kernels (Metal, CUDA) built from one shared body per direction (DESIGN §4).
 
-kernels/fake_quant_{forward,backward}.inc hold the arithmetic once; kernels/{metal,cuda}.h are
-the per-backend preambles (thread index, rint, clamp, exactly rounded arithmetic). Each kernel
+kernels/fake_quant.h holds the per-element arithmetic once and kernels/fake_quant_{forward,
+backward}.inc index one element per thread; kernels/{metal,cuda}.h are the per-backend preambles (thread index, rint, clamp, exactly rounded arithmetic). Each kernel
 object is built once per backend and direction and cached; MLX caches the compiled variants per
 template (bit width, group size, shape, dtype).
 """
@@ -28,6 +28,11 @@ def source(name: str) -> str:
     return files("mlx_qat.kernels").joinpath(name).read_text()
 
 
+def header(backend: str) -> str:
+    """The backend's preamble followed by the shared per-element math."""
+    return source(f"{backend}.h") + source("fake_quant.h")
+
+
 @functools.lru_cache(maxsize=None)
 def build(backend: str, direction: str):
     """The kernel object for 'metal' or 'cuda' and 'forward' or 'backward' (built once)."""
@@ -38,7 +43,7 @@ def build(backend: str, direction: str):
         input_names=inputs,
         output_names=outputs,
         source=INDEX[backend] + "\n" + source(f"fake_quant_{direction}.inc"),
-        header=source(f"{backend}.h"),
+        header=header(backend),
     )
 
 

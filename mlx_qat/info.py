@@ -1,6 +1,7 @@
 """`python -m mlx_qat.info`: what MLX runs on here, and how fast its matmul is."""
 
 import argparse
+import os
 import platform
 import time
 
@@ -16,6 +17,19 @@ def backend() -> str:
     if mx.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def fake_quant_backend() -> str:
+    name = select_backend()
+    if name != "cpu":
+        return name
+    from . import cpu
+
+    try:
+        cpu.load()
+    except RuntimeError as e:
+        return f"mlx (the fused CPU kernel cannot be built here: {str(e).splitlines()[0]})"
+    return f"cpu (fused kernel, {os.cpu_count()} threads)"
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 10, device=mx.cpu) -> float:
@@ -39,7 +53,7 @@ def main():
     print(f"platform   {platform.system()} {platform.machine()}")
     print(f"backend    {backend()}")
     print(f"blas       {blas.describe()}")
-    print(f"fake_quant {select_backend()}")
+    print(f"fake_quant {fake_quant_backend()}")
     print(f"matmul     {matmul_gflops(args.size):.1f} GFLOP/s (float32 {args.size}³ on the CPU)")
 
 

@@ -101,10 +101,10 @@ def test_shared_body_matches_mlx_float16(host, bits):
 
 
 def test_preambles_define_what_the_bodies_use():
-    bodies = gpu.source("fake_quant_forward.inc") + gpu.source("fake_quant_backward.inc")
-    for name in ("ABS", "RINT", "CLAMP", "MUL", "ADD", "SUB", "DIV"):
+    bodies = gpu.source("fake_quant.h") + gpu.source("fake_quant_forward.inc") + gpu.source("fake_quant_backward.inc")
+    for name in ("FN", "ABS", "RINT", "CLAMP", "MUL", "ADD", "SUB", "DIV"):
         assert name in bodies
-        for preamble in ("metal.h", "cuda.h"):
+        for preamble in ("metal.h", "cuda.h", "host.h"):
             assert f"#define {name}" in gpu.source(preamble), (preamble, name)
     # MLX builds Metal's signature from the names the source uses, so the index must be there.
     assert "thread_position_in_grid" in gpu.INDEX["metal"]
@@ -121,14 +121,14 @@ def test_kernels_are_built_once(monkeypatch):
     finally:
         gpu.build.cache_clear()
     assert [c["name"] for c in calls] == ["mlx_qat_fake_quant_forward", "mlx_qat_fake_quant_backward"]
-    assert calls[0]["header"] == gpu.source("metal.h")
+    assert calls[0]["header"] == gpu.source("metal.h") + gpu.source("fake_quant.h")
     assert calls[0]["source"] == gpu.INDEX["metal"] + "\n" + gpu.source("fake_quant_forward.inc")
     assert calls[1]["input_names"] == ["w", "alpha", "cotangent"] and calls[1]["output_names"] == ["dw", "dalpha_elem"]
 
 
 def test_dispatch(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
-    assert select_backend() == ("mlx" if mx.default_device() == mx.cpu else available_backends()[-1])
+    assert select_backend() == ("cpu" if mx.default_device() == mx.cpu else available_backends()[-1])
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     assert select_backend() == "metal"
@@ -168,7 +168,7 @@ def cuda_translation_unit() -> str:
         "backward": "const T* w, const float* alpha, const T* cotangent, T* dw, float* dalpha_elem",
     }
     template = "template <typename T, int KIND, int QN, int QP, int GROUP, int IN_FEATURES, int N_GROUPS, int N>"
-    parts = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", gpu.source("cuda.h")]
+    parts = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", gpu.header("cuda")]
     for direction, params in signatures.items():
         body = gpu.source(f"fake_quant_{direction}.inc")
         parts.append(f"{template}\n__global__ void fake_quant_{direction}({params}) {{\n{gpu.INDEX['cuda']}\n{body}\n}}")
@@ -194,7 +194,7 @@ def test_cuda_source_compiles_without_fma(tmp_path):
     assert "mul.rn.f32" in ptx and "div.rn.f32" in ptx
 
 
-def test_gpu_kernels_are_checked_against_the_reference(monkeypatch):
+def test_kernels_are_checked_against_the_reference(monkeypatch):
     """A kernel that computes something else (or fails to build) is replaced, with a warning."""
     from mlx_qat import fakequant as fq
 
@@ -212,10 +212,15 @@ def test_gpu_kernels_are_checked_against_the_reference(monkeypatch):
             raise RuntimeError("kernel did not compile")
         return fail, fail
 
+    def unbuildable(spec):
+        raise RuntimeError("no C++ compiler found")
+
     def faithful(spec):
         return fq._mlx_backend(spec)
 
-    for name, make, should_warn in (("wrong", wrong, "differ"), ("broken", broken, "did not compile"), ("faithful", faithful, None)):
+    cases = (("wrong", wrong, "differ"), ("broken", broken, "did not compile"),
+             ("unbuildable", unbuildable, "no C++ compiler"), ("faithful", faithful, None))
+    for name, make, should_warn in cases:
         monkeypatch.setitem(fq.BACKENDS, name, make)
         fq._op.cache_clear()
         with warnings.catch_warnings(record=True) as caught:
@@ -224,7 +229,7 @@ def test_gpu_kernels_are_checked_against_the_reference(monkeypatch):
         messages = [str(c.message) for c in caught]
         assert mx.array_equal(out, reference).item()  # the fallback (or the good kernel) is exact
         if should_warn:
-            assert any(should_warn in m and "failed its self-check" in m for m in messages), messages
+            assert any(should_warn in m and "MLX-ops path instead" in m for m in messages), messages
         else:
             assert not messages
     fq._op.cache_clear()
