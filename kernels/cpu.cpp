@@ -8,8 +8,13 @@
 #include "fake_quant.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
@@ -24,6 +29,22 @@ namespace {
 
 // Work below this many elements per thread is not worth a thread.
 constexpr size_t MIN_ELEMENTS_PER_THREAD = 1 << 16;
+
+// A fresh multi-megabyte output is a new mapping: written 4 KiB page by page, its page faults
+// cost as much as the kernel itself. Ask Linux for 2 MiB pages instead (harmless if refused).
+void prefer_huge_pages(mx::array& a) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE_PAGE = uintptr_t(2) << 20;
+  if (a.nbytes() < 4 * HUGE_PAGE) {
+    return;
+  }
+  uintptr_t start = (reinterpret_cast<uintptr_t>(a.data<char>()) + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(a.data<char>()) + a.nbytes()) & ~(HUGE_PAGE - 1);
+  if (end > start) {
+    madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+  }
+#endif
+}
 
 // Run f(first, last) over [0, n) groups of `group` elements, split across the machine's cores.
 template <typename F>
@@ -111,6 +132,7 @@ class FakeQuantForward : public mx::UnaryPrimitive {
     auto& w = inputs[0];
     auto& alpha = inputs[1];
     out.set_data(mx::allocator::malloc(out.nbytes()));
+    prefer_huge_pages(out);
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.set_input_array(w);
     encoder.set_input_array(alpha);
@@ -158,6 +180,7 @@ class FakeQuantBackward : public mx::Primitive {
       dw.copy_shared_buffer(cot);
     } else {
       dw.set_data(mx::allocator::malloc(dw.nbytes()));
+      prefer_huge_pages(dw);
     }
     dalpha.set_data(mx::allocator::malloc(dalpha.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
