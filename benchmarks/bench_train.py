@@ -1,7 +1,7 @@
 """Training speed on a config (default configs/small.yaml), measured in one run:
 
 1. loop overhead: tokens/s of `python -m mlx_qat.train`'s loop vs the bare compiled step;
-2. QAT step time / FP step time;
+2. QAT step time / FP step time, and the fake-quant share of it (fused kernel vs MLX ops);
 3. MLX vs PyTorch (CPU, eager and torch.compile) on the same llama architecture, batch and
    threads, with where MLX's step time goes (the LM head + cross-entropy vs the rest) and what
    whole-step mx.compile and each fused op (attention, RMSNorm, RoPE) buy.
@@ -29,14 +29,16 @@ import mlx.nn as nn  # noqa: E402
 
 def time_steps(steps, batches, warmup: int = 3) -> list:
     """Median seconds per step of each step function, run interleaved batch by batch so that
-    machine noise hits all of them alike (each step evaluated before the next)."""
+    machine noise hits all of them alike (each step evaluated before the next), in an order
+    rotated every batch so that no step always runs after the same one."""
     times = [[] for _ in steps]
     for i, b in enumerate(batches):
-        for step, record in zip(steps, times):
+        for j in range(len(steps)):
+            k = (i + j) % len(steps)
             start = time.perf_counter()
-            mx.eval(step(b))
+            mx.eval(steps[k](b))
             if i >= warmup:
-                record.append(time.perf_counter() - start)
+                times[k].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
 
@@ -134,6 +136,27 @@ def layer_breakdown(cfg, dataset) -> dict:
     (t_exp,) = time_steps([lambda _: mx.exp(big)], list(range(6)))
     out["exp_million_elements_per_s"] = round(big.size / t_exp / 1e6, 1)
     return out
+
+
+def fake_quant_share(cfg, dataset) -> dict:
+    """Milliseconds of fake-quant forward+backward over every quantized weight of the model, one
+    step's worth, with the fused kernel of this device and with the MLX-ops reference."""
+    from mlx_qat import fake_quant
+    from mlx_qat.fakequant import select_backend
+    from mlx_qat.layers import to_qat
+
+    model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
+    specs = to_qat(model, cfg.spec, cfg.embedding_spec)
+    modules = dict(model.named_modules())
+    args_ = [(modules[p].weight, modules[p].alpha, s, mx.random.normal(modules[p].weight.shape)) for p, s in specs.items()]
+
+    def all_weights(backend):
+        return lambda _: [mx.vjp(lambda w, a: fake_quant(w, a, s, backend=backend), [w, a], [g]) for w, a, s, g in args_]
+
+    ours = select_backend()
+    times = time_steps([all_weights(ours), all_weights("mlx")], list(range(10)))
+    return {"weights": sum(w.size for w, *_ in args_), "backend": ours,
+            "fused_ms": round(1e3 * times[0], 1), "mlx_ops_ms": round(1e3 * times[1], 1)}
 
 
 def loop_throughput(cfg, steps: int) -> float:
@@ -253,6 +276,7 @@ def main():
     torch_result = torch_steps(cfg, model_args, args.steps)
     gains = fused_op_gains(cfg, model_args)
     breakdown = layer_breakdown(cfg, dataset)
+    fq_share = fake_quant_share(cfg, dataset)
 
     result = {
         "command": f"python benchmarks/bench_train.py --config {args.config} --steps {args.steps}"
@@ -269,6 +293,7 @@ def main():
         "head_and_loss_share_of_fp_step": round(mlx_result["head_and_loss_fwd_bwd_s"] / mlx_result["fp_step_s"], 3),
         "fused_op_gains_per_layer": gains,
         "per_layer_fwd_bwd_ms": breakdown,
+        "fake_quant_fwd_bwd_per_step": fq_share,
         "targets": {"loop_overhead": 0.05, "qat_over_fp": 1.03, "mlx_over_torch_eager": 0.6},
     }
     if torch_result:
