@@ -74,6 +74,16 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def cpu_identity() -> str:
+    """What -march=native compiles for: a library built on another CPU (a shared home directory)
+    may use instructions this one lacks."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags", "Features"))))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def build_key() -> str:
     """Everything the library depends on: sources, compiler, flags, which MLX (it links that
     libmlx), nanobind and Python."""
@@ -82,7 +92,7 @@ def build_key() -> str:
         h.update(files("mlx_qat.kernels").joinpath(name).read_bytes())
     nanobind = _nanobind()
     parts = [compiler(), *flags(), mx.__version__, mx.__file__, nanobind.__version__, nanobind.__file__,
-             sys.version, sysconfig.get_paths()["include"], platform.platform()]
+             sys.version, sysconfig.get_paths()["include"], platform.platform(), cpu_identity()]
     h.update("\n".join(parts).encode())
     return h.hexdigest()[:16]
 
