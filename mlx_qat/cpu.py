@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
+from tqdm import tqdm
 
 MODULE = "_fake_quant_cpu"
 SOURCES = ("host.h", "fake_quant.h", "cpu.cpp")
@@ -102,7 +103,8 @@ def build() -> Path:
     target = cache_dir() / build_key() / f"{MODULE}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.exists():
         return target
-    print("mlx_qat: building the fused CPU fake-quant kernel (once; about 10 s)", file=sys.stderr)
+    # tqdm.write: the first build often happens under the training progress bar.
+    tqdm.write("mlx_qat: building the fused CPU fake-quant kernel (once; about 10 s)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="mlx_qat_cpu_") as scratch:
         scratch = Path(scratch)
         for name in SOURCES:  # the package's files may live inside a wheel or zip
