@@ -85,12 +85,17 @@ def cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def build_key() -> str:
+def sources() -> dict:
+    """The kernel's source files, name -> bytes (the package's files may live inside a wheel or zip)."""
+    return {name: files("mlx_qat.kernels").joinpath(name).read_bytes() for name in SOURCES}
+
+
+def build_key(texts: dict) -> str:
     """Everything the library depends on: sources, compiler, flags, which MLX (it links that
     libmlx), nanobind and Python."""
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update(files("mlx_qat.kernels").joinpath(name).read_bytes())
+    for text in texts.values():
+        h.update(text)
     nanobind = _nanobind()
     parts = [compiler(), *flags(), mx.__version__, mx.__file__, nanobind.__version__, nanobind.__file__,
              sys.version, sysconfig.get_paths()["include"], platform.platform(), cpu_identity()]
@@ -100,15 +105,16 @@ def build_key() -> str:
 
 def build() -> Path:
     """The built library, compiling it unless this exact build is cached. Raises RuntimeError."""
-    target = cache_dir() / build_key() / f"{MODULE}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    texts = sources()
+    target = cache_dir() / build_key(texts) / f"{MODULE}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.exists():
         return target
     # tqdm.write: the first build often happens under the training progress bar.
     tqdm.write("mlx_qat: building the fused CPU fake-quant kernel (once; about 10 s)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="mlx_qat_cpu_") as scratch:
         scratch = Path(scratch)
-        for name in SOURCES:  # the package's files may live inside a wheel or zip
-            (scratch / name).write_bytes(files("mlx_qat.kernels").joinpath(name).read_bytes())
+        for name, text in texts.items():
+            (scratch / name).write_bytes(text)
         try:
             result = subprocess.run(command(scratch, scratch / target.name), capture_output=True, text=True)
         except OSError as e:  # e.g. $CXX names no program

@@ -99,15 +99,15 @@ def test_rejects_mismatched_shapes(kernel):
 
 def test_build_is_cached_and_keyed_by_what_goes_into_it(kernel, monkeypatch):
     path = cpu.build()
-    assert path.exists() and path.parent.name == cpu.build_key()
+    assert path.exists() and path.parent.name == cpu.build_key(cpu.sources())
     monkeypatch.setattr(cpu.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached kernel"))
     assert cpu.build() == path
     flags = cpu.flags
     monkeypatch.setattr(cpu, "flags", lambda: [*flags(), "-DOTHER"])
-    assert cpu.build_key() != path.parent.name
+    assert cpu.build_key(cpu.sources()) != path.parent.name
     monkeypatch.setattr(cpu, "flags", flags)
     monkeypatch.setattr(cpu, "SOURCES", cpu.SOURCES[:-1])
-    assert cpu.build_key() != path.parent.name
+    assert cpu.build_key(cpu.sources()) != path.parent.name
 
 
 def test_unbuildable_kernel_falls_back_with_a_clear_warning(monkeypatch, tmp_path):
