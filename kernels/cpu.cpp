@@ -235,11 +235,15 @@ mx::Stream cpu_stream() {
   return mx::default_stream(mx::Device(mx::Device::cpu));
 }
 
+// The primitives read row-contiguous arrays: α as float32, everything else in the weight's type.
+mx::array prepared(const mx::array& a, mx::Dtype dtype, mx::Stream s) {
+  return mx::contiguous(mx::astype(a, dtype, s), false, s);
+}
+
 mx::array forward(const mx::array& w, const mx::array& alpha, int kind, int qn, int qp) {
   auto p = checked(w, alpha, kind, qn, qp);
   auto s = cpu_stream();
-  std::vector<mx::array> inputs = {mx::contiguous(w, false, s),
-                                   mx::contiguous(mx::astype(alpha, mx::float32, s), false, s)};
+  std::vector<mx::array> inputs = {prepared(w, w.dtype(), s), prepared(alpha, mx::float32, s)};
   return mx::array(w.shape(), w.dtype(), std::make_shared<FakeQuantForward>(s, p), std::move(inputs));
 }
 
@@ -250,9 +254,8 @@ std::pair<mx::array, mx::array> backward(const mx::array& w, const mx::array& al
     throw std::invalid_argument("fake_quant: the cotangent must have the weight's shape");
   }
   auto s = cpu_stream();
-  std::vector<mx::array> inputs = {mx::contiguous(w, false, s),
-                                   mx::contiguous(mx::astype(alpha, mx::float32, s), false, s),
-                                   mx::contiguous(mx::astype(cotangent, w.dtype(), s), false, s)};
+  std::vector<mx::array> inputs = {prepared(w, w.dtype(), s), prepared(alpha, mx::float32, s),
+                                   prepared(cotangent, w.dtype(), s)};
   auto outputs = mx::array::make_arrays({w.shape(), alpha.shape()}, {w.dtype(), mx::float32},
                                         std::make_shared<FakeQuantBackward>(s, p, grad_scale), inputs);
   return {outputs[0], outputs[1]};
