@@ -269,6 +269,7 @@ def main():
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v}
     cfg = config.load(args.config, overrides)
     dataset = train.load_data(cfg)
+    train.keep_freed_buffers()  # as training does
     mlx_result = mlx_steps(cfg, dataset, args.steps)
     loop = loop_throughput(cfg, args.steps + 10)
     bare = cfg.tokens_per_step / mlx_result["fp_step_s"]

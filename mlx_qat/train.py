@@ -120,6 +120,17 @@ def loss_fn(model: nn.Module, batch: mx.array) -> mx.array:
     return mx.fast.cross_entropy(model(batch[:, :-1]), batch[:, 1:]).mean()
 
 
+def keep_freed_buffers() -> None:
+    """Let MLX's CPU allocator keep a quarter of its memory limit in freed buffers for reuse.
+
+    On the CPU MLX caches only 32 MB (on Metal, up to its memory limit), so a step's larger
+    activations went back to the OS and came back as fresh zeroed pages every step: ~50,000 page
+    faults and ~5% of a small-config step on a 2-core x86-64 CPU. Shapes repeat step after step,
+    so the cache holds about one step's transient buffers, not a growing pile."""
+    if mx.default_device() == mx.cpu:
+        mx.set_cache_limit(max(mx.get_memory_limit() // 4, 32 << 20))
+
+
 def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float) -> Callable:
     """One compiled step: forward, backward, clip, AdamW update. Rebuilt at the FP->QAT switch,
     when the model's layers (and so its state) change."""
@@ -179,6 +190,7 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress:
     if out.exists() and any(out.iterdir()) and not resume:
         raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    keep_freed_buffers()
 
     # Data and model
     dataset = load_data(cfg)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
@@ -63,6 +64,21 @@ def test_fused_and_fp_only_runs(dataset, tmp_path):
     fp = train.run(micro(dataset, qat_fraction=0), tmp_path / "fp", show_progress=False)
     assert fp["B"] is None and fp["D_qat"] == 0
     assert fp["exported_val_loss"] == pytest.approx(fp["final_val_loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU allocator's cache limit")
+def test_freed_step_buffers_are_kept_for_reuse():
+    previous = mx.set_cache_limit(32 << 20)  # MLX's CPU default
+    try:
+        x = mx.ones((12 << 20,))  # 48 MB: more than the default cache keeps
+        mx.eval(x * 2)  # the product is freed once evaluated
+        assert mx.get_cache_memory() < x.nbytes
+        train.keep_freed_buffers()
+        mx.eval(x * 2)
+        assert mx.get_cache_memory() >= x.nbytes
+    finally:
+        mx.set_cache_limit(previous)
+        mx.clear_cache()
 
 
 def test_refuses_to_overwrite_a_run(dataset, tmp_path):
