@@ -1,8 +1,8 @@
 """The fused CPU fake-quant kernel (DESIGN §4): kernels/cpu.cpp built as an MLX extension.
 
 MLX runs compiled CPU elementwise graphs one scalar at a time on one thread; this kernel runs
-the shared per-element math of kernels/fake_quant.h vectorized and on every core, in one pass
-each way. It is compiled on first use with the host C++ compiler for this machine (so it may
+the shared per-element math of kernels/fake_quant.h vectorized (large weights on every core), in
+one pass each way. It is compiled on first use with the host C++ compiler for this machine (so it may
 use every vector instruction the CPU has) against the installed MLX and nanobind, and cached
 under ~/.cache/mlx_qat/kernels (or $MLX_QAT_CACHE/kernels), keyed by everything that goes into
 it. Where it cannot be built, fakequant.py falls back to the MLX-ops path with a warning.
