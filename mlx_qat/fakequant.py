@@ -10,7 +10,7 @@ and every kernel checks itself against the reference once per spec before it is 
 import functools
 import os
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 
@@ -123,18 +123,25 @@ def _check_kernel(spec: QuantSpec, forward: Forward, backward: Backward) -> str:
     return ""
 
 
+def checked_kernel(spec: QuantSpec, backend: str) -> Tuple[Optional[Tuple[Forward, Backward]], str]:
+    """(the backend's (forward, backward), '') if it builds here and agrees with the reference,
+    else (None, what went wrong)."""
+    try:
+        forward, backward = BACKENDS[backend](spec)
+        problem = _check_kernel(spec, forward, backward)
+    except RuntimeError as e:  # it cannot be built here
+        return None, str(e)
+    return (None, problem) if problem else ((forward, backward), "")
+
+
 def _kernel(spec: QuantSpec, backend: str) -> Tuple[Forward, Backward]:
     """The backend's (forward, backward), or the reference with a warning if that kernel
     cannot be built here or disagrees with the reference."""
     if backend == "mlx":
         return _mlx_backend(spec)
-    try:
-        forward, backward = BACKENDS[backend](spec)
-        problem = _check_kernel(spec, forward, backward)
-    except RuntimeError as e:  # it cannot be built here
-        problem = str(e)
-    if not problem:
-        return forward, backward
+    kernel, problem = checked_kernel(spec, backend)
+    if kernel:
+        return kernel
     warnings.warn(f"mlx_qat: the {backend} fake-quant kernel for {spec} is not usable ({problem}); using the "
                   f"MLX-ops path instead. Set {BACKEND_ENV_VAR}=mlx to skip the kernels.", stacklevel=4)
     return _mlx_backend(spec)

@@ -1,9 +1,10 @@
 """Fake-quant GPU kernels (Metal, CUDA) built from one shared body per direction (DESIGN §4).
 
 kernels/fake_quant.h holds the per-element arithmetic once and kernels/fake_quant_{forward,
-backward}.inc index one element per thread; kernels/{metal,cuda}.h are the per-backend preambles (thread index, rint, clamp, exactly rounded arithmetic). Each kernel
-object is built once per backend and direction and cached; MLX caches the compiled variants per
-template (bit width, group size, shape, dtype).
+backward}.inc index one element per thread; kernels/{metal,cuda}.h are the per-backend
+preambles (rint, clamp, exactly rounded arithmetic). Each kernel object is built once per
+backend and direction and cached; MLX caches the compiled variants per template (bit width,
+group size, shape, dtype).
 """
 
 import functools

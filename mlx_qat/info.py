@@ -1,12 +1,12 @@
 """`python -m mlx_qat.info`: what MLX runs on here, and how fast its matmul is."""
 
 import argparse
-import os
 import platform
 import time
 
 from . import blas  # noqa: F401  (importing mlx_qat loads the BLAS before mlx.core)
-from .fakequant import select_backend
+from .fakequant import checked_kernel, select_backend
+from .quantizers import QuantSpec
 
 import mlx.core as mx  # noqa: E402
 
@@ -20,16 +20,14 @@ def backend() -> str:
 
 
 def fake_quant_backend() -> str:
+    """The path fake_quant takes here: the device's kernel, after the self-check it runs on first use."""
     name = select_backend()
-    if name != "cpu":
+    if name == "mlx":
         return name
-    from . import cpu
-
-    try:
-        cpu.load()
-    except RuntimeError as e:
-        return f"mlx (the fused CPU kernel cannot be built here: {str(e).splitlines()[0]})"
-    return f"cpu (fused kernel, {os.cpu_count()} threads)"
+    _, problem = checked_kernel(QuantSpec(4, 64), name)
+    if problem:
+        return f"mlx (the {name} kernel is not usable here: {problem.splitlines()[0]})"
+    return f"{name} (fused kernel)"
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 10, device=mx.cpu) -> float:

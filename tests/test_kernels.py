@@ -233,3 +233,16 @@ def test_kernels_are_checked_against_the_reference(monkeypatch):
         else:
             assert not messages
     fq._op.cache_clear()
+
+
+def test_info_names_the_path_fake_quant_takes(monkeypatch):
+    from mlx_qat import fakequant as fq, info
+
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    monkeypatch.setattr(fq, "select_backend", lambda: "cpu")
+    monkeypatch.setattr(info, "select_backend", lambda: "cpu")
+    monkeypatch.setitem(fq.BACKENDS, "cpu", fq._mlx_backend)  # a kernel that agrees with the reference
+    assert info.fake_quant_backend() == "cpu (fused kernel)"
+    off = lambda spec: (lambda w, a: fq._mlx_backend(spec)[0](w, a) * 1.001, fq._mlx_backend(spec)[1])  # noqa: E731
+    monkeypatch.setitem(fq.BACKENDS, "cpu", off)
+    assert info.fake_quant_backend().startswith("mlx (the cpu kernel is not usable here: its results differ")
