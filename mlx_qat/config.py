@@ -1,77 +1,193 @@
 """Run configuration: one dataclass, read from YAML, overridden by `--key value` flags.
 
-Unknown keys are errors that suggest the nearest valid key.
+Values are coerced to each key's declared type as users type them (`1e-3` and `1e6` are
+strings in YAML 1.1; `1e6` tokens is a float), then every key is checked at construction, so a
+bad value stops a run with one line naming the key before any data is read. Unknown keys are
+errors that suggest the nearest valid key.
 """
 
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 
-from .quantizers import QuantSpec, default_embedding_bits
+from .quantizers import BITS, GROUP_SIZES, QuantSpec, default_embedding_bits
 from .schedule import SCHEDULES
+
+# The keys of export.SCALES_DTYPES, named here so that reading a config does not import export.
+SCALES_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+MIN_VOCAB_SIZE = 260  # byte fallback alone needs 256 byte pieces + <unk>, <s>, </s>
+
+
+# ---------------------------------------------------------------- coercion by declared type
+
+
+def _as_float(value):
+    if isinstance(value, str):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(value)
+    return value
+
+
+def _as_int(value):
+    if isinstance(value, str):
+        try:
+            return int(value)  # exact for "1_000_000"
+        except ValueError:
+            value = float(value)  # "1e6"
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
+
+
+def _as_bool(value):
+    if not isinstance(value, bool):  # "maybe" is not true
+        raise TypeError(value)
+    return value
+
+
+def _as_str(value):
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _coercer(tp) -> Callable:
+    """The coercion of a declared type: float, int, bool, str, Optional[...] or List[...]."""
+    if tp in (float, int, bool, str):
+        return {float: _as_float, int: _as_int, bool: _as_bool, str: _as_str}[tp]
+    args = get_args(tp)
+    if get_origin(tp) is Union and type(None) in args:
+        inner = _coercer(next(a for a in args if a is not type(None)))
+        return lambda v: None if v is None else inner(v)
+    if get_origin(tp) in (list, List):
+        inner = _coercer(args[0])
+        return lambda v: [inner(x) for x in (v if isinstance(v, list) else [v])]
+    raise TypeError(f"no coercion for {tp}")
+
+
+def _data_inputs(value):
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(x, str) and x for x in items):
+        raise TypeError(value)
+    return value
+
+
+def _fraction_or_auto(value):
+    return value if value == "auto" else _as_float(value)
+
+
+def _token_counts(value):
+    counts = [] if value is None else _coercer(List[int])(value)
+    return sorted(set(counts))
+
+
+def key(default, help: str, need: str, valid: Optional[Callable] = None, coerce: Optional[Callable] = None):
+    """A config key: its default, --help text, what a valid value is, a range check and,
+    where the declared type does not say, how to coerce a value."""
+    kind = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kind, metadata={"help": help, "need": need, "valid": valid, "coerce": coerce})
+
+
+positive = lambda v: v > 0  # noqa: E731
+non_negative = lambda v: v >= 0  # noqa: E731
+fraction = lambda v: 0 <= v <= 1  # noqa: E731
+below_one = lambda v: 0 <= v < 1  # noqa: E731
+BITS_TEXT = f"one of {', '.join(map(str, BITS))} (1.58 = ternary)"
 
 
 @dataclass
 class TrainConfig:
     # data: a prepared dataset directory, or inputs to prepare (see mlx_qat.data)
-    data: Union[str, List[str]] = field(default="builtin", metadata={"help": "prepared dir, or files/dirs/globs/hf:NAME/builtin"})
-    vocab_size: int = field(default=2048, metadata={"help": "tokenizer vocabulary when preparing data"})
-    data_cache: str = field(default="~/.cache/mlx_qat/data", metadata={"help": "where prepared data is kept"})
-    # model
-    model: Any = field(default="tiny", metadata={"help": "a preset (tiny, small, base) or a dict of llama arguments"})
+    data: Union[str, List[str]] = key("builtin", "prepared dir, or files/dirs/globs/hf:NAME/builtin",
+                                      "a path, glob, hf:NAME or builtin, or a non-empty list of them", coerce=_data_inputs)
+    vocab_size: int = key(2048, "tokenizer vocabulary when preparing data",
+                          f"an integer >= {MIN_VOCAB_SIZE} (byte fallback needs 259 pieces), e.g. 2048", lambda v: v >= MIN_VOCAB_SIZE)
+    data_cache: str = key("~/.cache/mlx_qat/data", "where prepared data is kept", "a directory path", bool)
+    # model (checked in validate: it needs vocab_size)
+    model: Any = key("tiny", "a preset (tiny, small, base) or a dict of llama arguments",
+                     "a preset (tiny, small, base) or a mapping of llama arguments", coerce=lambda v: v)
     # tokens and batches
-    total_tokens: int = field(default=2_000_000, metadata={"help": "D_total: tokens of FP + QAT training"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    total_tokens: int = key(2_000_000, "D_total: tokens of FP + QAT training", "a positive integer, e.g. 2e6", positive)
+    batch_size: int = key(16, "sequences per step", "a positive integer, e.g. 16", positive)
+    seq_len: int = key(128, "tokens per sequence", "a positive integer, e.g. 128", positive)
     # optimizer (AdamW)
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not applied to α or norms)"})
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip; 0 disables"})
-    # QAT
-    bits: float = field(default=2, metadata={"help": "QAT weight bits: 1, 1.58, 2, 3, 4, 5, 6, 8"})
-    group_size: Optional[int] = field(default=64, metadata={"help": "32, 64, 128, or null for per-channel"})
-    embedding_bits: Optional[float] = field(default=None, metadata={"help": "embedding/tied-head bits; default max(bits, 4)"})
-    qat_fraction: Union[float, str] = field(default="auto", metadata={"help": "f = D_qat / D_total in [0, 1], or auto (the paper's predictor)"})
-    keep_optimizer_state: bool = field(default=True, metadata={"help": "keep the weights' Adam state across the FP->QAT switch"})
+    learning_rate: float = key(3e-3, "peak learning rate", "a positive number, e.g. 3e-3", positive)
+    weight_decay: float = key(0.1, "AdamW weight decay (not applied to α or norms)", "a number >= 0, e.g. 0.1", non_negative)
+    beta1: float = key(0.9, "AdamW β1", "a number in [0, 1), e.g. 0.9", below_one)
+    beta2: float = key(0.95, "AdamW β2", "a number in [0, 1), e.g. 0.95", below_one)
+    grad_clip: float = key(1.0, "global gradient-norm clip; 0 disables", "a number >= 0 (0 disables), e.g. 1.0", non_negative)
+    # QAT (bits and group sizes are range-checked by QuantSpec)
+    bits: float = key(2, "QAT weight bits: 1, 1.58, 2, 3, 4, 5, 6, 8", BITS_TEXT)
+    group_size: Optional[int] = key(64, "32, 64, 128, or null for per-channel",
+                                     f"one of {', '.join(map(str, GROUP_SIZES))}, or null for per-channel scales")
+    embedding_bits: Optional[float] = key(None, "embedding/tied-head bits; default max(bits, 4)", f"null or {BITS_TEXT}",
+                                          lambda v: v in BITS)
+    qat_fraction: Union[float, str] = key("auto", "f = D_qat / D_total in [0, 1], or auto (the paper's predictor)",
+                                          "a number in [0, 1] or auto", lambda v: v == "auto" or fraction(v), _fraction_or_auto)
+    keep_optimizer_state: bool = key(True, "keep the weights' Adam state across the FP->QAT switch", "true or false")
     # schedule
-    schedule: str = field(default="separate", metadata={"help": "separate or fused (cooldown & QAT fusion)"})
-    warmup: float = field(default=0.05, metadata={"help": "warmup, as a fraction of its phase"})
-    cooldown: float = field(default=0.2, metadata={"help": "cooldown, as a fraction of its phase"})
+    schedule: str = key("separate", "separate or fused (cooldown & QAT fusion)", f"one of {', '.join(SCHEDULES)}",
+                        lambda v: v in SCHEDULES)
+    warmup: float = key(0.05, "warmup, as a fraction of its phase (warmup_tokens wins when set)",
+                        "a fraction of the phase in [0, 1], e.g. 0.05", fraction)
+    cooldown: float = key(0.2, "cooldown, as a fraction of its phase (cooldown_tokens wins when set)",
+                          "a fraction of the phase in [0, 1], e.g. 0.2", fraction)
+    warmup_tokens: Optional[int] = key(None, "warmup of each phase in tokens; when set, wins over the fraction `warmup`",
+                                       "null or an integer >= 0, e.g. 1e5", non_negative)
+    cooldown_tokens: Optional[int] = key(None, "cooldown of each phase in tokens; when set, wins over the fraction `cooldown`",
+                                         "null or an integer >= 0, e.g. 4e5", non_negative)
     # run
-    seed: int = 0
-    report_every: int = field(default=10, metadata={"help": "steps between progress records"})
-    eval_every: int = field(default=200, metadata={"help": "steps between validations"})
-    eval_batches: int = field(default=16, metadata={"help": "validation batches per evaluation"})
-    checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
-    export_scales: str = field(default="float32", metadata={"help": "dtype of exported scales: float32 (lossless), float16, bfloat16"})
+    seed: int = key(0, "random seed of the model and the batches", "an integer >= 0, e.g. 0", non_negative)
+    report_every: int = key(10, "steps between progress records", "a positive integer, e.g. 10", positive)
+    eval_every: int = key(200, "steps between validations", "a positive integer, e.g. 200", positive)
+    eval_batches: int = key(16, "validation batches per evaluation", "a positive integer, e.g. 16", positive)
+    checkpoint_every: int = key(200, "steps between checkpoints", "a positive integer, e.g. 200", positive)
+    snapshot_at: List[int] = key(list, "token counts at which to keep a named snapshot besides the rolling checkpoint",
+                                 "a list of positive token counts, e.g. [5e5, 1e6]", lambda v: all(map(positive, v)), _token_counts)
+    export_scales: str = key("float32", "dtype of exported scales: float32 (lossless), float16, bfloat16",
+                             f"one of {', '.join(SCALES_DTYPE_NAMES)}", lambda v: v in SCALES_DTYPE_NAMES)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
+        """Coerce every key to its type and check its range; raise ValueError naming the key."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
         QuantSpec(self.bits, self.group_size)  # raises with the allowed values
         if self.embedding_bits is not None:
             QuantSpec(self.embedding_bits, self.group_size)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        f = self.qat_fraction
-        if not (f == "auto" or (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1)):
-            raise ValueError(f"qat_fraction={f!r}; use a number in [0, 1] or 'auto'")
-        for name in ("total_tokens", "batch_size", "seq_len", "report_every", "eval_every", "eval_batches", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.warmup + self.cooldown > 1:
+            raise ValueError(f"warmup + cooldown = {self.warmup} + {self.cooldown} exceeds the phase; make the sum <= 1")
         if self.total_tokens < self.tokens_per_step:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one step of {self.tokens_per_step} tokens")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be positive")
+        if self.snapshot_at and self.snapshot_at[-1] > self.total_tokens:
+            raise ValueError(f"snapshot_at={self.snapshot_at} goes past total_tokens={self.total_tokens}; "
+                             "use token counts <= total_tokens")
+        off_step = [t for t in self.snapshot_at if t % self.tokens_per_step]
+        if off_step:
+            raise ValueError(f"snapshot_at={off_step} are not step boundaries; use multiples of batch_size * seq_len = "
+                             f"{self.tokens_per_step} tokens")
+        self._check_model()
+
+    def _check_model(self) -> None:
+        from .model import model_args  # mlx_lm is slow to import; only a real config needs it
+
+        if not isinstance(self.model, (str, dict)):
+            raise ValueError(f"model={self.model!r} must be {FIELDS['model'].metadata['need']}")
+        try:
+            model_args(self.model, self.vocab_size)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"model={self.model!r}: {e}") from None
 
     @property
     def tokens_per_step(self) -> int:
@@ -93,12 +209,32 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _check_keys(keys, where: str) -> None:
+def _checked(f: dataclasses.Field, value):
+    coerce = f.metadata["coerce"] or _coercer(f.type)
+    valid = f.metadata["valid"] or (lambda v: True)
+    try:
+        new = coerce(value)
+        ok = new is None or valid(new)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{f.name}={value!r} must be {f.metadata['need']}")
+    return new
+
+
+def check_keys(keys, where: str) -> None:
     for key in keys:
         if key not in FIELDS:
             near = difflib.get_close_matches(key, FIELDS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(FIELDS)}"
             raise ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def load(path: Optional[Path] = None, overrides: Optional[dict] = None) -> TrainConfig:
@@ -108,12 +244,12 @@ def load(path: Optional[Path] = None, overrides: Optional[dict] = None) -> Train
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _yaml(path.read_text(), str(path)) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must be a YAML mapping of config keys")
-        _check_keys(values, str(path))
+        check_keys(values, str(path))
     overrides = overrides or {}
-    _check_keys(overrides, "the command line")
+    check_keys(overrides, "the command line")
     return TrainConfig(**{**values, **overrides})
 
 
@@ -124,14 +260,12 @@ def parse_overrides(args: Sequence[str]) -> dict:
         flag = args.pop(0)
         if not flag.startswith("--"):
             raise ValueError(f"expected --key value, got {flag!r}")
-        key = flag[2:].replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif args and not args[0].startswith("--"):
+        key, eq, value = flag[2:].partition("=")  # the value keeps its dashes: --data=my-dir
+        if not eq:
+            if not args or args[0].startswith("--"):
+                raise ValueError(f"{flag} needs a value")
             value = args.pop(0)
-        else:
-            raise ValueError(f"{flag} needs a value")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key.replace("-", "_")] = _yaml(value, f"the value of {flag}")
     return overrides
 
 
@@ -139,8 +273,8 @@ def describe_keys() -> str:
     """Help text listing every key with its default."""
     lines = []
     for f in dataclasses.fields(TrainConfig):
-        help_text = f.metadata.get("help", "")
-        lines.append(f"  --{f.name.replace('_', '-'):<22} {help_text} (default: {f.default!r})")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {f.metadata['help']} (default: {default!r})")
     return "\n".join(lines)
 
 

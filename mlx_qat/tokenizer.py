@@ -1,10 +1,12 @@
 """SentencePiece tokenizers, trained here and saved as Hugging Face files.
 
 `transformers`' own conversions of a sentencepiece file do not encode like sentencepiece in
-5.x (no BOS, different handling of leading spaces; DESIGN §6), so the `tokenizers.Tokenizer`
+5.x (no BOS, different handling of leading spaces), so the `tokenizers.Tokenizer`
 is built from the model's pieces directly: BPE with byte fallback, a normaliser that prepends
 "▁" and maps spaces to "▁", no pre-tokeniser, and a BOS template. Trained with the identity
-normaliser and without whitespace squashing, it matches sentencepiece exactly.
+normaliser and without whitespace squashing, it matches sentencepiece exactly. Training sees
+lines without their line breaks, so a line break is the byte piece <0x0A> in both and decodes
+back.
 """
 
 import io

@@ -1,8 +1,11 @@
 """Run configs: YAML + flags, validation, and the `auto` QAT fraction."""
 
 import math
+import subprocess
+import sys
 
 import pytest
+import yaml
 
 from mlx_qat import config
 from mlx_qat.law import predicted_qat_fraction, tokens_per_param_byte
@@ -33,11 +36,151 @@ def test_unknown_keys_suggest_the_nearest(tmp_path):
     ({"schedule": "cosine"}, "schedule='cosine'"),
     ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
     ({"total_tokens": 100}, "less than one step"),
-    ({"learning_rate": 0}, "learning_rate=0 must be positive"),
+    ({"learning_rate": 0}, "learning_rate=0 must be a positive number"),
+    ({"learning_rate": "abc"}, r"^learning_rate='abc' must be a positive number, e\.g\. 3e-3$"),
 ])
 def test_invalid_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         config.load(None, overrides)
+
+
+# (key, bad value, what the message shows; None: "key=value!r")
+BAD = [
+    ("data", 42, None), ("data", [], None), ("data", ["a.txt", 3], None), ("data", "", None), ("data", None, None),
+    ("vocab_size", 100, None), ("vocab_size", "abc", None), ("vocab_size", 2048.5, None), ("vocab_size", True, None),
+    ("data_cache", "", None), ("data_cache", 5, None),
+    ("model", "huge", None), ("model", 5, None), ("model", ["tiny"], None), ("model", {"hidden_sise": 64}, "hidden_sise"),
+    ("total_tokens", 0, None), ("total_tokens", -5, None), ("total_tokens", "abc", None), ("total_tokens", 1000000.5, None),
+    ("total_tokens", "1.5", None), ("total_tokens", True, None), ("total_tokens", [1], None),
+    ("batch_size", 0, None), ("batch_size", "x", None), ("seq_len", 0, None), ("seq_len", 1.5, None),
+    ("learning_rate", "abc", None), ("learning_rate", -1, None), ("learning_rate", True, None), ("learning_rate", None, None),
+    ("learning_rate", "nan", None), ("learning_rate", float("inf"), None), ("learning_rate", [3e-3], None),
+    ("weight_decay", "abc", None), ("weight_decay", -0.1, None),
+    ("beta1", 1, None), ("beta1", -0.1, None), ("beta1", "abc", None), ("beta2", 1.0, None), ("beta2", "x", None),
+    ("grad_clip", -1, None), ("grad_clip", "abc", None),
+    ("bits", 7, None), ("bits", "abc", None), ("bits", True, None),
+    ("group_size", 48, None), ("group_size", "abc", None), ("group_size", 64.5, None),
+    ("embedding_bits", 7, None), ("embedding_bits", "abc", None),
+    ("qat_fraction", 1.5, None), ("qat_fraction", -0.1, None), ("qat_fraction", "half", None), ("qat_fraction", None, None),
+    ("keep_optimizer_state", "maybe", None), ("keep_optimizer_state", 1, None), ("keep_optimizer_state", None, None),
+    ("schedule", "cosine", None), ("schedule", 3, None),
+    ("warmup", 1.5, None), ("warmup", -0.1, None), ("warmup", "abc", None),
+    ("cooldown", 1.5, None), ("cooldown", "abc", None), ("cooldown", 0.99, "warmup + cooldown"),
+    ("warmup_tokens", -1, None), ("warmup_tokens", "abc", None), ("warmup_tokens", 1.5, None),
+    ("cooldown_tokens", -1, None), ("cooldown_tokens", "x", None),
+    ("seed", "abc", None), ("seed", -1, None), ("seed", 0.5, None),
+    ("report_every", 0, None), ("report_every", "abc", None), ("eval_every", 0, None), ("eval_every", "abc", None),
+    ("eval_batches", 0, None), ("eval_batches", "abc", None), ("checkpoint_every", 0, None), ("checkpoint_every", "abc", None),
+    ("snapshot_at", [0], None), ("snapshot_at", ["abc"], None), ("snapshot_at", [1.5], None), ("snapshot_at", {"a": 1}, None),
+    ("snapshot_at", [1000, 3e6], "snapshot_at=[1000, 3000000]"),
+    ("export_scales", "int8", None), ("export_scales", 16, None),
+]
+
+
+@pytest.mark.parametrize("key, value, shown", BAD, ids=[f"{k}={v!r}" for k, v, _ in BAD])
+def test_every_key_is_checked_at_construction(key, value, shown):
+    with pytest.raises(ValueError) as e:
+        config.TrainConfig(**{key: value})
+    message = str(e.value)
+    assert "\n" not in message and key in message
+    assert (shown or f"{key}={value!r}") in message
+
+
+def test_every_key_is_in_the_catalogue():
+    assert {key for key, _, _ in BAD} == set(config.FIELDS)
+
+
+YAML_NUMBERS = [
+    "learning_rate: 1e-3\ntotal_tokens: 1e6\n",  # both strings in YAML 1.1
+    "learning_rate: '1e-3'\ntotal_tokens: '1e6'\n",
+    "learning_rate: 0.001\ntotal_tokens: 1_000_000\n",
+    "learning_rate: 1.0e-3\ntotal_tokens: 1.0e+6\n",  # floats in YAML 1.1
+]
+
+
+@pytest.mark.parametrize("text", YAML_NUMBERS)
+def test_numbers_as_typed_in_yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    cfg = config.load(path)
+    assert cfg.learning_rate == 1e-3 and cfg.total_tokens == 1_000_000 and type(cfg.total_tokens) is int
+
+
+@pytest.mark.parametrize("lr, tokens", [("1e-3", "1e6"), ("0.001", "1_000_000"), ("1e-3", "1000000.0"), ("'1e-3'", "'1e6'")])
+def test_numbers_as_typed_in_flags(lr, tokens):
+    cfg = config.load(None, config.parse_overrides(["--learning-rate", lr, f"--total-tokens={tokens}"]))
+    assert cfg.learning_rate == 1e-3 and cfg.total_tokens == 1_000_000 and type(cfg.total_tokens) is int
+
+
+def test_numbers_in_python():
+    cfg = config.TrainConfig(learning_rate="1e-3", total_tokens=1e6, seed="7", grad_clip=1, warmup="0.1")
+    assert (cfg.learning_rate, cfg.total_tokens, cfg.seed, cfg.grad_clip, cfg.warmup) == (1e-3, 1_000_000, 7, 1, 0.1)
+    assert config.TrainConfig(bits="1.58", group_size="128", qat_fraction="0.3").spec.bits == 1.58
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("no", False), ("off", False), ("yes", True)])
+def test_booleans_as_yaml_writes_them(text, value):
+    assert config.load(None, config.parse_overrides(["--keep-optimizer-state", text])).keep_optimizer_state is value
+
+
+def test_flag_values_keep_their_dashes_and_bad_yaml_is_one_line():
+    assert config.parse_overrides(["--data=my-dir", "--learning-rate=1e-3"]) == {"data": "my-dir", "learning_rate": "1e-3"}
+    with pytest.raises(ValueError, match="not valid YAML") as e:
+        config.parse_overrides(["--model", "{hidden_size: "])
+    assert "\n" not in str(e.value)
+
+
+def test_warmup_and_cooldown_in_tokens():
+    cfg = config.load(None, config.parse_overrides(["--warmup-tokens", "1e5", "--cooldown-tokens", "0"]))
+    assert (cfg.warmup_tokens, cfg.cooldown_tokens) == (100_000, 0)
+    assert config.TrainConfig().warmup_tokens is None and config.TrainConfig().cooldown_tokens is None
+    help_text = config.describe_keys()
+    for key, fraction in (("warmup", "warmup"), ("cooldown", "cooldown")):
+        line = next(l for l in help_text.splitlines() if l.split()[0] == f"--{key}-tokens")
+        assert f"wins over the fraction `{fraction}`" in line
+
+
+def test_snapshots_are_sorted_positive_token_counts():
+    step = dict(batch_size=10, seq_len=100)  # 1,000 tokens per step
+    cfg = config.load(None, config.parse_overrides(["--snapshot-at", "[1e6, 5e5, 500_000, '2e5']", "--batch-size", "10", "--seq-len", "100"]))
+    assert cfg.snapshot_at == [200_000, 500_000, 1_000_000]
+    assert config.TrainConfig(snapshot_at="1e6", **step).snapshot_at == [1_000_000]
+    assert config.TrainConfig(snapshot_at=None).snapshot_at == [] == config.TrainConfig().snapshot_at
+    assert config.TrainConfig(snapshot_at=[2_000_000], **step).snapshot_at == [2_000_000]  # total_tokens itself is fine
+    with pytest.raises(ValueError, match=r"snapshot_at=\[1500\] are not step boundaries.*multiples of .* 1000 tokens"):
+        config.TrainConfig(snapshot_at=[1000, 1500], **step)
+    assert "--snapshot-at" in config.describe_keys() and "(default: [])" in config.describe_keys()
+
+
+ROUND_TRIP = [
+    {},
+    dict(data=["a.txt", "hf:x:train"], model={"preset": "tiny", "num_hidden_layers": 2}, total_tokens="1e7",
+         learning_rate="1e-7", bits=1.58, group_size=None, embedding_bits=4, qat_fraction=0.3, keep_optimizer_state=False,
+         warmup_tokens=1e5, cooldown_tokens=2e5, snapshot_at=[5e6, 1e6], batch_size=10, seq_len=100, export_scales="bfloat16", schedule="fused", seed=3),
+]
+
+
+@pytest.mark.parametrize("values", ROUND_TRIP)
+def test_to_dict_round_trips(values, tmp_path):
+    cfg = config.TrainConfig(**values)
+    assert config.TrainConfig(**cfg.to_dict()) == cfg
+    path = tmp_path / "config.yaml"  # as a run writes its resolved config and reloads it on resume
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert config.load(path) == cfg
+    assert config.load(path).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.slow
+def test_train_cli_rejects_a_bad_value_before_reading_data(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {tmp_path / 'no' / 'such' / 'dir'}\ndata_cache: {tmp_path / 'cache'}\nmodel: tiny\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mlx_qat.train", "--config", str(cfg), "--out", str(out),
+                           "--learning-rate", "abc"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: learning_rate='abc' must be a positive number, e.g. 3e-3"]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_bad_files(tmp_path):
@@ -80,3 +223,9 @@ def test_fixed_fractions_split_the_steps():
     assert (plan.fp_steps, plan.qat_steps) == (75, 25)
     assert plan_run(config.TrainConfig(total_tokens=100 * 1024, batch_size=8, seq_len=128, qat_fraction=0), 1).qat_steps == 0
     assert plan_run(config.TrainConfig(total_tokens=100 * 1024, batch_size=8, seq_len=128, qat_fraction=1), 1).fp_steps == 0
+
+
+def test_scales_dtype_names_match_the_export():
+    from mlx_qat import export
+
+    assert config.SCALES_DTYPE_NAMES == tuple(export.SCALES_DTYPES)

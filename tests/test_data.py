@@ -120,6 +120,72 @@ def test_builtin_corpus_is_several_megabytes_of_english():
     assert docs[0].startswith("In the beginning God created the heaven")
 
 
+def test_builtin_corpus_has_one_verse_per_line():
+    docs = data.builtin_corpus()
+    genesis_1 = docs[0].split("\n")
+    assert 25 <= len(genesis_1) <= 31  # Genesis 1 has 31 verses (the database lacks a few)
+    assert genesis_1[0].startswith("In the beginning God created the heaven") and genesis_1[0].endswith("the earth.")
+    assert genesis_1[1].startswith("And the earth was without form")
+    assert all("\n" in doc for doc in docs if len(doc) > 200)  # chapters, not single lines
+    lines = [line for doc in docs for line in doc.split("\n")]
+    assert len(lines) > 20_000 and all(line and line == line.strip() and not line[0].isdigit() for line in lines)
+
+
+VERSES = "In the beginning\nAnd the earth"
+
+
+def test_line_breaks_survive_both_tokenizers(prepared):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "tokenizer.model"))
+    ids = sp.encode(VERSES)
+    assert sp.decode(ids) == VERSES and sp.piece_to_id("<0x0A>") in ids
+    hf = AutoTokenizer.from_pretrained(str(prepared))
+    assert hf.encode(VERSES) == [sp.bos_id()] + ids
+    assert hf.decode(hf.encode(VERSES), skip_special_tokens=True) == VERSES
+    tok = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    assert tok.encode(VERSES).ids == [sp.bos_id()] + ids
+    assert tok.decode(tok.encode(VERSES).ids) == VERSES
+
+
+def test_mlx_lm_streams_line_breaks(prepared):
+    from mlx_lm.tokenizer_utils import load
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "tokenizer.model"))
+    detokenizer = load(prepared).detokenizer
+    detokenizer.reset()
+    for token in sp.encode(VERSES):
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    assert detokenizer.text == VERSES
+
+
+def test_prepared_documents_keep_their_lines(tmp_path):
+    lines = random_text(1800, seed=4)
+    docs = ["\n".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]  # three lines per document
+    (tmp_path / "verses.txt").write_text("\n\n".join(docs))
+    data.prepare([str(tmp_path / "verses.txt")], 400, tmp_path / "out")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    ds = data.TokenData.load(tmp_path / "out")
+    split = np.flatnonzero(ds.val == sp.bos_id())
+    decoded = [sp.decode(ds.val[a + 1 : b].tolist()) for a, b in zip(split, [*split[1:], ds.val.size])]
+    assert decoded and all(doc in docs and doc.count("\n") == 2 for doc in decoded)
+
+
+def test_builtin_fingerprint_names_its_format(tmp_path, monkeypatch):
+    assert data.fingerprint(["builtin"]) == [{"source": "builtin", "format": data.BUILTIN_FORMAT}]
+    assert data.BUILTIN_FORMAT >= 2  # 1 was the space-joined corpus, cached as {"source": "builtin"}
+    # A directory prepared from the space-joined corpus is prepared again, not reused.
+    monkeypatch.setattr(data, "builtin_corpus", lambda: ["\n".join(random_text(3, seed=i)) for i in range(400)])
+    out = tmp_path / "cached"
+    out.mkdir()
+    old = {"request": {"inputs": [{"source": "builtin"}], "vocab_size": 400, "val_fraction": 0.05, "seed": 0}}
+    (out / data.MANIFEST).write_text(json.dumps(old))
+    manifest = data.prepare(["builtin"], 400, out)
+    assert manifest["request"]["inputs"] == data.fingerprint(["builtin"]) and (out / "train.bin").exists()
+
+
 def test_batches_are_a_pure_function_of_seed_and_index(prepared):
     ds = data.TokenData.load(prepared)
     a, b = data.batch(ds.train, 4, 32, seed=0, index=7), data.batch(ds.train, 4, 32, seed=0, index=7)
