@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx_qat  # noqa: F401  (fast BLAS first)
 from common import emit, machine
 from mlx_qat import config, data, model as models, train
+from mlx_qat.evaluate import loss_fn
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -55,7 +56,7 @@ def mlx_steps(cfg, dataset, n):
     fp_step = train.make_train_step(fp_model, fp_opt, cfg.grad_clip)
 
     eager_model, eager_opt = build(cfg, dataset)
-    loss_and_grad = nn.value_and_grad(eager_model, train.loss_fn)
+    loss_and_grad = nn.value_and_grad(eager_model, loss_fn)
 
     def eager_step(b):
         loss, grads = loss_and_grad(eager_model, b)
@@ -63,8 +64,7 @@ def mlx_steps(cfg, dataset, n):
         return loss
 
     qat_model, qat_opt = build(cfg, dataset)
-    train.switch_to_qat(qat_model, qat_opt, cfg)
-    qat_step = train.make_train_step(qat_model, qat_opt, cfg.grad_clip)
+    qat_step = train.switch_to_qat(qat_model, qat_opt, cfg)
 
     # Where the time goes: the LM head and cross-entropy alone, forward and backward.
     hidden = mx.random.normal((cfg.batch_size, cfg.seq_len, fp_model.args.hidden_size))
@@ -143,10 +143,11 @@ def fake_quant_share(cfg, dataset) -> dict:
     step's worth, with the fused kernel of this device and with the MLX-ops reference."""
     from mlx_qat import fake_quant
     from mlx_qat.fakequant import select_backend
-    from mlx_qat.layers import to_qat
+    from mlx_qat.layers import quant_specs, to_qat
 
     model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
-    specs = to_qat(model, cfg.spec, cfg.embedding_spec)
+    specs = quant_specs(model, cfg.spec, cfg.embedding_spec)
+    to_qat(model, specs)
     modules = dict(model.named_modules())
     args_ = [(modules[p].weight, modules[p].alpha, s, mx.random.normal(modules[p].weight.shape)) for p, s in specs.items()]
 

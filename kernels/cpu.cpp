@@ -271,7 +271,7 @@ NB_MODULE(_fake_quant_cpu, m) {
   using namespace nb::literals;
   m.doc() = "The fused CPU fake-quant kernel (forward and straight-through backward).";
   m.def("forward", &forward, "w"_a, "alpha"_a, "kind"_a, "qn"_a, "qp"_a,
-        "ŵ on the affine grid of alpha; kind 0 binary, 1 ternary, 2 SEQ 2-bit, 3 LSQ.");
+        "ŵ on the affine grid of alpha; kind is the spec's Quantizer.kernel_id (0 binary, 1 ternary, 2 SEQ 2-bit, 3 LSQ).");
   m.def("backward", &backward, "w"_a, "alpha"_a, "cotangent"_a, "kind"_a, "qn"_a, "qp"_a, "grad_scale"_a,
         "(dw, dalpha): straight-through gradient and the per-group alpha gradient times grad_scale.");
 }

@@ -1,8 +1,9 @@
-// Per-element fake-quant math, shared by every backend (DESIGN §3). Included after a preamble
-// that defines FN (function qualifiers), ABS, RINT, CLAMP and the correctly rounded
-// MUL/ADD/SUB/DIV (no FMA contraction, no fast division), so float32 results equal the MLX
-// reference (quantizers.py) bit for bit: same constants, same operation order.
-// kind: 0 binary, 1 ternary, 2 SEQ 2-bit, 3 LSQ with clip levels qn, qp.
+// Per-element fake-quant math, shared by every backend. Included after a preamble that defines
+// FN (function qualifiers), ABS, RINT, CLAMP and the correctly rounded MUL/ADD/SUB/DIV (no FMA
+// contraction, no fast division), so float32 results equal the MLX reference (the Quantizer
+// descriptions of mlx_qat/quantizers.py) bit for bit: same constants, same operation order.
+// With x = w / a: forward ŵ = code(x)·scale + bias; backward dw = g·pass(x), dα_elem = g·unit(x).
+// kind is Quantizer.kernel_id: 0 binary, 1 ternary, 2 SEQ 2-bit, 3 LSQ with clip levels qn, qp.
 
 // A group's scale as the reference uses it (clamped away from zero).
 FN float group_scale(float alpha) {

@@ -1,11 +1,15 @@
-"""The fused CPU fake-quant kernel (DESIGN §4): kernels/cpu.cpp built as an MLX extension.
+"""The fused CPU fake-quant kernel: kernels/cpu.cpp built as an MLX extension.
 
 MLX runs compiled CPU elementwise graphs one scalar at a time on one thread; this kernel runs
 the shared per-element math of kernels/fake_quant.h vectorized (large weights on every core), in
-one pass each way. It is compiled on first use with the host C++ compiler for this machine (so it may
-use every vector instruction the CPU has) against the installed MLX and nanobind, and cached
-under ~/.cache/mlx_qat/kernels (or $MLX_QAT_CACHE/kernels), keyed by everything that goes into
-it. Where it cannot be built, fakequant.py falls back to the MLX-ops path with a warning.
+one pass each way: forward ŵ = scale·code(w / α) + bias; backward dw = g·pass(x) and
+dα = s·Σ_group g·∂q/∂α(x). Its `forward(w, alpha, kind, qn, qp)` and
+`backward(w, alpha, g, kind, qn, qp, s)` take the kind as the spec's `Quantizer.kernel_id`.
+
+It is compiled on first use with the host C++ compiler for this machine (so it may use every
+vector instruction the CPU has) against the installed MLX and nanobind, and cached under
+~/.cache/mlx_qat/kernels (or $MLX_QAT_CACHE/kernels), keyed by everything that goes into it.
+Where it cannot be built, fakequant.py falls back to the MLX-ops path with a warning.
 """
 
 import functools

@@ -1,14 +1,14 @@
-"""Export a QAT model as an mlx-lm checkpoint of packed affine weights (DESIGN §6).
+"""Export a QAT model as an mlx-lm checkpoint of packed affine weights.
 
 The packed codes come from the learned α and the integer codes of the grid (not from
 `mx.quantize` on ŵ, whose min/max search does not reproduce the learned grid), so that
 `mx.dequantize` of the export equals the fake-quant weight: exactly with float32 scales.
-The directory loads with `mlx_lm.load` and generates with `mlx_lm.generate` unchanged.
+Each row of codes is stored as MLX's little-endian bitstream in uint32 words (`layers.pack`),
+with one (scale, bias) per group such that ŵ = scale·code + bias. The directory loads with
+`mlx_lm.load` and generates with `mlx_lm.generate` unchanged.
 """
 
-import dataclasses
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,7 +19,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
 
-from .layers import QATEmbedding, QATLinear, qat_specs
+from . import atomic
+from .model import config_dict
+from .layers import qat_specs, to_qat, to_quantized
 
 SCALES_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -35,35 +37,23 @@ class ExportReport:
         return f"exported {self.path} ({self.size_bytes / 2**20:.2f} MiB, {self.bits_per_weight:.3f} bits per weight)"
 
 
-def module_quantization(model: nn.Module) -> dict:
-    """MLX's quantization parameters of every QAT layer, keyed by module path."""
-    modules = dict(model.named_modules())
-    entries = {
-        path: {
-            "group_size": spec.export_group_size(modules[path].weight.shape[1]),
-            "bits": spec.storage_bits,
-            "mode": "affine",
-        }
-        for path, spec in qat_specs(model).items()
+def module_quantization(packed: nn.Module) -> dict:
+    """MLX's quantization parameters of every packed layer, keyed by module path: what
+    `mlx_lm.load` reads from config.json to rebuild those layers."""
+    return {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+        for path, m in reversed(packed.named_modules())
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
     }
-    if not entries:
-        raise ValueError("the model has no QAT layers to export; convert it with mlx_qat.layers.to_qat first")
-    return entries
 
 
 def quantization_config(entries: dict) -> dict:
-    """config.json's `quantization`: the blocks' bits and group size, with per-module
-    overrides keyed by module path wherever a module differs (e.g. the 4-bit embedding)."""
-    in_blocks = [e for p, e in entries.items() if ".layers." in f".{p}"] or list(entries.values())
-    default = max(in_blocks, key=in_blocks.count)
+    """config.json's `quantization`: the most common entry (the blocks' bits and group size) as
+    the default, with a per-module override keyed by module path wherever a module differs
+    (e.g. the 4-bit embedding)."""
+    values = list(entries.values())
+    default = max(values, key=values.count)
     return {**default, **{p: e for p, e in entries.items() if e != default}}
-
-
-def _model_config(model: nn.Module) -> dict:
-    args = getattr(model, "args", None)
-    if args is None or not dataclasses.is_dataclass(args):
-        raise ValueError("export needs an mlx-lm model that carries its ModelArgs as `model.args`")
-    return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
 
 
 def _copy_tokenizer(tokenizer, out: Path) -> None:
@@ -78,20 +68,12 @@ def _copy_tokenizer(tokenizer, out: Path) -> None:
         shutil.copy(f, out / f.name)
 
 
-def _write_atomically(path: Path, overwrite: bool, write) -> None:
-    """Run write(tmp_dir) and move the finished directory to `path`."""
+def _write(path: Path, overwrite: bool, write) -> None:
+    """Run write(directory) on a fresh directory that replaces `path` once it is complete."""
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True (--overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    with atomic.directory(path, overwrite) as directory:
+        write(directory)
 
 
 def _directory_size(path: Path) -> int:
@@ -115,17 +97,19 @@ def export(
     path = Path(path)
     if scales_dtype not in SCALES_DTYPES:
         raise ValueError(f"scales_dtype={scales_dtype!r}; use one of {', '.join(SCALES_DTYPES)}")
-    entries = module_quantization(model)
-    config = {**_model_config(model), "quantization": quantization_config(entries)}
-    packed = packed_model(model, entries, SCALES_DTYPES[scales_dtype])
-    _write_atomically(path, overwrite, partial(_save, packed, config, tokenizer))
+    if not qat_specs(model):
+        raise ValueError("the model has no QAT layers to export; convert it with mlx_qat.layers.to_qat first")
+    config = config_dict(model)
+    packed = packed_model(model, SCALES_DTYPES[scales_dtype])
+    config["quantization"] = quantization_config(module_quantization(packed))
+    _write(path, overwrite, partial(_save, packed, config, tokenizer))
     return ExportReport(path, bits_per_weight(packed), _directory_size(path))
 
 
 def export_fp(model: nn.Module, path: Union[str, Path], tokenizer=None, overwrite: bool = False) -> ExportReport:
     """Write a full-precision model (an FP-only run) as an mlx-lm directory."""
     path = Path(path)
-    _write_atomically(path, overwrite, partial(_save, model, _model_config(model), tokenizer))
+    _write(path, overwrite, partial(_save, model, config_dict(model), tokenizer))
     bits = 8 * tree_flatten(model.parameters())[0][1].itemsize
     return ExportReport(path, float(bits), _directory_size(path))
 
@@ -137,22 +121,17 @@ def _save(model: nn.Module, config: dict, tokenizer, directory: Path) -> None:
         _copy_tokenizer(tokenizer, directory)
 
 
-def packed_model(model: nn.Module, entries: dict, scales_dtype=mx.float32) -> nn.Module:
-    """A new mlx-lm model with the packed weights of `model`'s QAT layers (the model is kept).
+def packed_model(model: nn.Module, scales_dtype=mx.float32) -> nn.Module:
+    """A new model holding the packed weights of `model`'s QAT layers (`model` is kept).
 
-    It is built the way `mlx_lm.load` builds one from config.json, and loaded strictly, so
-    an export that mlx-lm would not load fails here.
+    A fresh model of the same class and args is put in the same QAT form
+    (`to_qat(fresh, qat_specs(model))`), loaded strictly with `model`'s weights, and packed by
+    `layers.to_quantized`: the same layers, in the same places, that `mlx_lm.load` builds from
+    the config this export writes.
     """
-    weights = {}
-    for path, m in model.named_modules():
-        if isinstance(m, (QATLinear, QATEmbedding)):
-            weights.update({f"{path}.{k}": v for k, v in tree_flatten(m.to_quantized(scales_dtype).parameters())})
-    qat_params = {f"{path}.{k}" for path in qat_specs(model) for k in ("weight", "alpha", "bias")}
-    weights.update({k: v for k, v in tree_flatten(model.parameters()) if k not in qat_params})
-    packed = type(model)(model.args)
-    nn.quantize(packed, class_predicate=lambda p, _: entries.get(p, False))
-    packed.load_weights(list(weights.items()), strict=True)
-    return packed
+    packed = to_qat(type(model)(model.args), qat_specs(model))
+    packed.load_weights(list(tree_flatten(model.parameters())), strict=True)
+    return to_quantized(packed, scales_dtype)
 
 
 def bits_per_weight(model: nn.Module) -> float:

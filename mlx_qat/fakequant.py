@@ -1,10 +1,12 @@
-"""The fake-quant op: ŵ = fake_quant(w, α, spec), differentiable in w and α (DESIGN §4).
+"""The fake-quant op: ŵ = fake_quant(w, α, spec), differentiable in w and α.
 
 One `mx.custom_function` per (spec, backend) whose VJP is the straight-through estimator of
-`quantizers.straight_through`. The math lives in a backend: `mlx` is MLX ops under
-`mx.compile` (the reference); `cpu` is the fused, vectorized, multi-threaded kernel of cpu.py;
-`metal` and `cuda` run the kernels of gpu.py. All are built from the shared math in kernels/,
-and every kernel checks itself against the reference once per spec before it is used.
+`quantizers.straight_through`: dw = g·pass(x), dα = s·Σ_group g·∂q/∂α(x), x = w / α. The math
+lives in a backend: `mlx` is MLX ops under `mx.compile` (the reference, the methods of the
+spec's `Quantizer`); `cpu` is the fused, vectorized, multi-threaded kernel of cpu.py; `metal`
+and `cuda` run the kernels of gpu.py. The kernels share the per-element math of
+kernels/fake_quant.h, pick the kind by the `Quantizer.kernel_id` they are given, and each checks
+itself against the reference once per spec before it is used.
 """
 
 import functools
@@ -41,9 +43,8 @@ def _mlx_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
 
 def _cpu_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
     from . import cpu
-    from .gpu import KINDS
 
-    kernel, kind = cpu.load(), KINDS[spec.kind]
+    kernel, kind = cpu.load(), spec.quantizer.kernel_id
 
     def forward(w, alpha):
         return kernel.forward(w, alpha, kind, spec.qn, spec.qp)
@@ -165,7 +166,9 @@ def _op(spec: QuantSpec, backend: str):
 def fake_quant(w: mx.array, alpha: mx.array, spec: QuantSpec, backend: str = None) -> mx.array:
     """Quantize-dequantize W [out, in] on the grid of α [out, in / group_size] (or [out, 1]).
 
-    Forward: ŵ = α·q(w / α) (DESIGN §3). Backward: straight-through for w, LSQ-style for α.
+    Forward: ŵ = α·q(w / α), q the spec's level function. Backward: straight-through for w
+    (dw = g where the level is not clipped), LSQ-style for α (dα = s·Σ_group g·∂q/∂α, with
+    s = 1/sqrt(numel(W)·Qp)).
     """
     groups = w.shape[-1] // spec.group_size_for(w.shape[-1])
     if w.ndim != 2 or alpha.shape != (w.shape[0], groups):

@@ -1,10 +1,10 @@
-"""Fake-quant GPU kernels (Metal, CUDA) built from one shared body per direction (DESIGN §4).
+"""Fake-quant GPU kernels (Metal, CUDA) built from one shared body per direction.
 
 kernels/fake_quant.h holds the per-element arithmetic once and kernels/fake_quant_{forward,
 backward}.inc index one element per thread; kernels/{metal,cuda}.h are the per-backend
 preambles (rint, clamp, exactly rounded arithmetic). Each kernel object is built once per
-backend and direction and cached; MLX caches the compiled variants per template (bit width,
-group size, shape, dtype).
+backend and direction and cached; MLX caches the compiled variants per template (quantizer
+kind and clip levels from the spec's `Quantizer`, group size, shape, dtype).
 """
 
 import functools
@@ -15,7 +15,6 @@ import mlx.core as mx
 
 from .quantizers import QuantSpec, gradient_scale
 
-KINDS = {"binary": 0, "ternary": 1, "seq": 2, "lsq": 3}
 THREADS = 256
 # Each backend's thread index, placed at the top of the kernel source (not the header): MLX adds
 # Metal's thread_position_in_grid to the signature only when the source names it.
@@ -51,7 +50,7 @@ def build(backend: str, direction: str):
 def template(spec: QuantSpec, w: mx.array) -> list:
     out_features, in_features = w.shape
     group = spec.group_size_for(in_features)
-    return [("T", w.dtype), ("KIND", KINDS[spec.kind]), ("QN", spec.qn), ("QP", spec.qp), ("GROUP", group),
+    return [("T", w.dtype), ("KIND", spec.quantizer.kernel_id), ("QN", spec.qn), ("QP", spec.qp), ("GROUP", group),
             ("IN_FEATURES", in_features), ("N_GROUPS", in_features // group), ("N", w.size)]
 
 

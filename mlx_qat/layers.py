@@ -1,27 +1,42 @@
-"""QAT layers and the FP -> QAT model conversion.
+"""QAT layers, the policy that gives each module its spec, and the conversions both ways.
 
-`QATLinear` and `QATEmbedding` hold the float weight and its learned scales α and apply
-`fake_quant` in their forward pass. `from_linear` / `from_embedding` build them from the layer
-they replace (α initialised from the current weights); `to_quantized` converts back to MLX's
-packed `QuantizedLinear` / `QuantizedEmbedding` on the same grid (the export).
+`QATLinear` and `QATEmbedding` hold the float weight W and its learned scales α and compute
+ŵ = fake_quant(W, α, spec) in every call. For an mlx-lm model:
+
+    specs = quant_specs(model, QuantSpec(2, 64))   # {module path: QuantSpec}
+    to_qat(model, specs)                           # those modules -> QAT layers, α from W
+    qat_specs(model) == specs                      # read back (a checkpoint stores it)
+    to_quantized(model)                            # QAT layers -> MLX's packed layers, lossless
+
+`to_quantized` is the inverse of `to_qat`, and each QAT layer's `to_quantized` has the
+signature of MLX's, so `nn.quantize(model)` packs a QAT model too.
 """
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_unflatten
 
 from .fakequant import fake_quant
 from .quantizers import QuantSpec, affine_grid, codes, default_embedding_bits, init_scale, scaled
+
+SCALE = "alpha"  # the parameter name of a QAT layer's learned scales
+
+
+def is_learned_scale(path: str) -> bool:
+    """True for the parameter path of a QAT layer's learned scales α, e.g.
+    "model.layers.0.mlp.up_proj.alpha" (weights, biases and norms are not)."""
+    return path.rsplit(".", 1)[-1] == SCALE
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack integer codes [out, in] into MLX's affine layout [out, in·bits/32] uint32.
 
-    Each row is one little-endian bitstream, element j in bits [j·bits, (j+1)·bits), cut into
-    32-bit words; 3-, 5- and 6-bit codes straddle words (DESIGN §6).
+    Each row is one little-endian bitstream: element j occupies bits [j·bits, (j+1)·bits),
+    cut into 32-bit words, so word k holds bits [32k, 32k + 32) and 3-, 5- and 6-bit codes
+    straddle words.
     """
     out_features, in_features = codes.shape
     if in_features % 32:
@@ -51,6 +66,21 @@ def quantized_tensors(weight: mx.array, alpha: mx.array, spec: QuantSpec, scales
     return packed, scale.astype(scales_dtype), bias.astype(scales_dtype), group_size
 
 
+def _learned_grid(layer: nn.Module, group_size, bits, mode, quantize_input) -> Tuple[int, int]:
+    """(group_size, bits) of a QAT layer's packed grid, after checking a request against it."""
+    grid = (layer.spec.export_group_size(layer.weight.shape[1]), layer.spec.storage_bits)
+    asked = (grid[0] if group_size is None else group_size, grid[1] if bits is None else bits)
+    if mode != "affine" or quantize_input or asked != grid:
+        raise ValueError(
+            f"this {type(layer).__name__} ({layer.spec}) packs only onto the grid it learned: mode='affine', "
+            f"group_size={grid[0]}, bits={grid[1]}; asked for mode={mode!r}, group_size={group_size}, "
+            f"bits={bits}, quantize_input={quantize_input}. A QAT layer's grid is fixed by training: call "
+            "to_quantized() without them (or nn.quantize(model) without group_size/bits), or train with "
+            "another QuantSpec"
+        )
+    return grid
+
+
 class QATLinear(nn.Module):
     """y = x ŵᵀ + b with ŵ = fake_quant(W, α, spec): a Linear trained on a low-bit grid.
 
@@ -68,6 +98,7 @@ class QATLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QATLinear":
+        """The QAT form of `linear`: its weight and bias, α initialised from its weight."""
         output_dims, input_dims = linear.weight.shape
         layer = cls(input_dims, output_dims, bias="bias" in linear, spec=spec)
         layer.weight = linear.weight
@@ -83,10 +114,14 @@ class QATLinear(nn.Module):
         y = x @ self.quantized_weight().T
         return y + self.bias if "bias" in self else y
 
-    def to_quantized(self, scales_dtype=mx.float32) -> nn.QuantizedLinear:
-        weight, scales, biases, group_size = quantized_tensors(self.weight, self.alpha, self.spec, scales_dtype)
+    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine",
+                     quantize_input: bool = False, *, scales_dtype=mx.float32) -> nn.QuantizedLinear:
+        """The packed `nn.QuantizedLinear` on the learned grid: `mx.dequantize` of it equals ŵ
+        exactly with float32 scales. group_size and bits may only restate that grid."""
+        group_size, bits = _learned_grid(self, group_size, bits, mode, quantize_input)
+        weight, scales, biases, _ = quantized_tensors(self.weight, self.alpha, self.spec, scales_dtype)
         output_dims, input_dims = self.weight.shape
-        layer = nn.QuantizedLinear(input_dims, output_dims, "bias" in self, group_size, self.spec.storage_bits)
+        layer = nn.QuantizedLinear(input_dims, output_dims, "bias" in self, group_size, bits)
         layer.update({"weight": weight, "scales": scales, "biases": biases})
         if "bias" in self:
             layer.bias = self.bias
@@ -97,7 +132,9 @@ class QATLinear(nn.Module):
 
 
 class QATEmbedding(nn.Module):
-    """Token embedding looked up from ŵ = fake_quant(W, α, spec); `as_linear` is the tied head."""
+    """Token embedding looked up from ŵ = fake_quant(W, α, spec); `as_linear` is the tied head.
+
+    Each call computes ŵ afresh: the module keeps no state between the lookup and the head."""
 
     def __init__(self, num_embeddings: int, dims: int, spec: QuantSpec = QuantSpec()):
         super().__init__()
@@ -107,6 +144,7 @@ class QATEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> "QATEmbedding":
+        """The QAT form of `embedding`: its weight, α initialised from it."""
         layer = cls(*embedding.weight.shape, spec=spec)
         layer.weight = embedding.weight
         layer.alpha = init_scale(embedding.weight, spec)
@@ -116,19 +154,19 @@ class QATEmbedding(nn.Module):
         return fake_quant(self.weight, self.alpha, self.spec)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        w_hat = self.quantized_weight()
-        # A tied head (as_linear) later in the same forward pass reuses ŵ instead of fake-quantizing
-        # the embedding twice; kept outside the parameter dict, and consumed once.
-        object.__setattr__(self, "_w_hat_for_head", w_hat)
-        return w_hat[ids]
+        return self.quantized_weight()[ids]
 
     def as_linear(self, x: mx.array) -> mx.array:
-        w_hat = self.__dict__.pop("_w_hat_for_head", None)
-        return x @ (self.quantized_weight() if w_hat is None else w_hat).T
+        # ŵ again rather than kept from the lookup: one more fake_quant (0.6 ms forward and
+        # backward for 4096 × 256 on the CPU kernel) instead of per-call state that goes stale.
+        return x @ self.quantized_weight().T
 
-    def to_quantized(self, scales_dtype=mx.float32) -> nn.QuantizedEmbedding:
-        weight, scales, biases, group_size = quantized_tensors(self.weight, self.alpha, self.spec, scales_dtype)
-        layer = nn.QuantizedEmbedding(*self.weight.shape, group_size, self.spec.storage_bits)
+    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine",
+                     quantize_input: bool = False, *, scales_dtype=mx.float32) -> nn.QuantizedEmbedding:
+        """The packed `nn.QuantizedEmbedding` on the learned grid (see `QATLinear.to_quantized`)."""
+        group_size, bits = _learned_grid(self, group_size, bits, mode, quantize_input)
+        weight, scales, biases, _ = quantized_tensors(self.weight, self.alpha, self.spec, scales_dtype)
+        layer = nn.QuantizedEmbedding(*self.weight.shape, group_size, bits)
         layer.update({"weight": weight, "scales": scales, "biases": biases})
         return layer
 
@@ -136,49 +174,90 @@ class QATEmbedding(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, {self.spec}"
 
 
-def to_qat(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[QuantSpec] = None) -> Dict[str, QuantSpec]:
-    """Convert a model in place into its QAT form; return the spec of each converted module.
+QAT_LAYERS = (QATLinear, QATEmbedding)
 
-    Every Linear inside the transformer blocks gets `spec`; the token embedding and an untied
-    LM head get `embedding_spec` (default: max(B, 4) bits, same group size); norms stay FP.
-    α is initialised from the weights the model holds now.
+
+def _refuse(path: str, module: nn.Module) -> None:
+    """Raise for a module that no spec can convert: a QAT or an already packed layer."""
+    if isinstance(module, QAT_LAYERS):
+        raise ValueError(f"{path} is already a {type(module).__name__} ({module.spec}): the model is in QAT form "
+                         "already; read its specs with qat_specs(model)")
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        raise ValueError(f"{path} is a packed {module.bits}-bit {type(module).__name__}: QAT trains full-precision "
+                         "weights; build or load the model unquantized (without its `quantization` config)")
+
+
+def quant_specs(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[QuantSpec] = None) -> Dict[str, QuantSpec]:
+    """Which module of an mlx-lm model gets which spec: {module path: QuantSpec}.
+
+    Every nn.Linear inside the transformer blocks (`model.layers`, as mlx-lm models expose
+    them) gets `spec`; every nn.Embedding (the token embedding, and with it a tied LM head) and
+    an untied `lm_head` get `embedding_spec`, by default max(B, 4) bits at the same group size
+    (`default_embedding_bits`). Norms and all else stay in full precision. A ValueError names
+    a module it cannot place: a QAT or already quantized layer, or an nn.Linear outside the
+    blocks other than `lm_head`.
     """
     if embedding_spec is None:
         embedding_spec = QuantSpec(default_embedding_bits(spec.bits), spec.group_size)
-    converted = {}
+    blocks = getattr(model, "layers", None)
+    if not blocks:
+        raise ValueError(f"quant_specs finds the transformer blocks at model.layers, as mlx-lm models expose them; "
+                         f"this {type(model).__name__} has none: write the {{module path: QuantSpec}} dict "
+                         "yourself and pass it to to_qat")
+    modules = model.named_modules()
+    path_of = {id(m): path for path, m in modules}
+    in_blocks = {".".join(filter(None, (path_of[id(block)], name))) for block in blocks
+                 for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    specs = {}
+    for path, m in reversed(modules):  # named_modules lists children last; paths read top-down
+        _refuse(path, m)
+        if path in in_blocks:
+            specs[path] = spec
+        elif isinstance(m, nn.Embedding) or (isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] == "lm_head"):
+            specs[path] = embedding_spec
+        elif isinstance(m, nn.Linear):
+            raise ValueError(f"{path} is an nn.Linear outside the transformer blocks and is not lm_head: quant_specs "
+                             "does not know its spec; add it to (or leave it out of) the dict yourself before to_qat")
+    return specs
 
-    def convert(path, module):
-        if isinstance(module, nn.Embedding):
-            converted[path] = embedding_spec
-            return QATEmbedding.from_embedding(module, embedding_spec)
-        if type(module) is nn.Linear:
-            converted[path] = spec if ".layers." in f".{path}" else embedding_spec
-            return QATLinear.from_linear(module, converted[path])
-        return module
 
-    leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
-    model.update_modules(leaves)
-    if not converted:
-        raise ValueError("to_qat found no nn.Linear or nn.Embedding to convert; is the model already in QAT form?")
-    return converted
+def to_qat(model: nn.Module, specs: Dict[str, QuantSpec]) -> nn.Module:
+    """Convert exactly the modules named in `specs` to their QAT form, in place; return `model`.
+
+    nn.Linear -> QATLinear, nn.Embedding -> QATEmbedding, each with α initialised from the weight
+    the model holds now (`init_scale`). A ValueError names a path that is missing, not an FP
+    Linear or Embedding, or whose weight does not fit its spec.
+    """
+    modules = dict(model.named_modules())
+    converted = []
+    for path, spec in specs.items():
+        m = modules.get(path)
+        _refuse(path, m)
+        if isinstance(m, nn.Linear):
+            make = QATLinear.from_linear
+        elif isinstance(m, nn.Embedding):
+            make = QATEmbedding.from_embedding
+        else:
+            found = "no such module" if m is None else f"a {type(m).__name__}"
+            raise ValueError(f"{path} is {found} in this {type(model).__name__}; to_qat converts nn.Linear and "
+                             "nn.Embedding modules (quant_specs(model, spec) lists them)")
+        try:
+            converted.append((path, make(m, spec)))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+    model.update_modules(tree_unflatten(converted))
+    return model
 
 
 def qat_specs(model: nn.Module) -> Dict[str, QuantSpec]:
-    """The spec of every QAT layer in a model, keyed by module path."""
-    return {
-        path: m.spec
-        for path, m in model.named_modules()
-        if isinstance(m, (QATLinear, QATEmbedding))
-    }
+    """The spec of every QAT layer in a model, keyed by module path: `to_qat(fresh, qat_specs(model))`
+    puts a fresh model of the same architecture in the same QAT form."""
+    return {path: m.spec for path, m in reversed(model.named_modules()) if isinstance(m, QAT_LAYERS)}
 
 
 def to_quantized(model: nn.Module, scales_dtype=mx.float32) -> nn.Module:
-    """The inverse of `to_qat`: swap every QAT layer for MLX's packed quantized layer, in place."""
-
-    def convert(_, module):
-        if isinstance(module, (QATLinear, QATEmbedding)):
-            return module.to_quantized(scales_dtype)
-        return module
-
-    model.update_modules(tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    """The inverse of `to_qat`: every QAT layer -> MLX's packed layer on its learned grid
+    (`QuantizedLinear` / `QuantizedEmbedding`), in place; return `model`. Lossless with
+    float32 scales; float16/bfloat16 scales round them."""
+    nn.quantize(model, class_predicate=lambda _, m: isinstance(m, QAT_LAYERS) and {"scales_dtype": scales_dtype})
     return model

@@ -8,6 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
+from mlx_lm.utils import _get_classes as get_model_classes  # mlx-lm's own model_type lookup
+
+from .layers import is_learned_scale
 
 # Size presets (vocabulary comes from the data). N counts the tied embedding once. Heads of 64
 # dimensions: MLX's fused Metal attention covers head sizes 64/80/128 (smaller ones run unfused),
@@ -41,6 +44,23 @@ def model_args(spec: Union[str, dict], vocab_size: int) -> llama.ModelArgs:
     return llama.ModelArgs(**args)
 
 
+def config_dict(model: nn.Module) -> dict:
+    """The model's `config.json` dict: what mlx-lm needs to build it again."""
+    args = getattr(model, "args", None)
+    if args is None or not dataclasses.is_dataclass(args):
+        raise ValueError("expected an mlx-lm model that carries its ModelArgs as `model.args`")
+    return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+
+
+def from_config(config: dict, seed: int = 0) -> nn.Module:
+    """A freshly initialised model of any mlx-lm architecture from its `config.json` dict."""
+    model_class, args_class = get_model_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
 def build(args: llama.ModelArgs, seed: int = 0) -> llama.Model:
     mx.random.seed(seed)
     model = llama.Model(args)
@@ -50,4 +70,4 @@ def build(args: llama.ModelArgs, seed: int = 0) -> llama.Model:
 
 def num_params(model: nn.Module) -> int:
     """N: trainable weights, the tied embedding counted once (learned scales α excluded)."""
-    return sum(v.size for k, v in tree_flatten(model.trainable_parameters()) if not k.endswith("alpha"))
+    return sum(v.size for k, v in tree_flatten(model.trainable_parameters()) if not is_learned_scale(k))

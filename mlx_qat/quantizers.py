@@ -1,31 +1,163 @@
-"""Weight quantizers with learned scales (ParetoQ family, DESIGN §3).
+"""Weight quantizers with learned scales (the ParetoQ family).
 
 A weight matrix W [out, in] is split into groups of `group_size` consecutive inputs of a row
 (or whole rows: per output channel). Each group has a learned scale α > 0 and x = w / α.
 
-| bits | forward level q(x) (× α)                      | α init             |
-|------|-----------------------------------------------|--------------------|
-| 1    | sign(x), sign(0) = +1                          | mean |w| of group   |
-| 1.58 | round(clip(x, ±0.99)·1.5) / 1.5                | max |w|            |
-| 2    | (round(clip(x, ±0.99)·2 − 0.5) + 0.5) / 2      | max |w|            |
-| 3–8  | clip(round(x), Qn, Qp), Qn = −2^(B−1), Qp = 2^(B−1)−1 | max |w| / Qp |
+| bits | kind    | forward level q(x) (× α)                              | α init        |
+|------|---------|-------------------------------------------------------|---------------|
+| 1    | binary  | sign(x), sign(0) = +1                                 | mean |w|      |
+| 1.58 | ternary | round(clip(x, ±0.99)·1.5) / 1.5                       | max |w|       |
+| 2    | seq     | (round(clip(x, ±0.99)·2 − 0.5) + 0.5) / 2             | max |w|       |
+| 3–8  | lsq     | clip(round(x), Qn, Qp), Qn = −2^(B−1), Qp = 2^(B−1)−1 | max |w| / Qp  |
 
 Rounding is round-half-to-even everywhere. Every level set is an affine grid
 ŵ = scale·code + bias with integer codes in [0, 2^b − 1], which is what MLX's affine
 quantization stores; the forward pass is computed through that grid so that the export is
 bit-exact (`mx.dequantize(export) == ŵ` with float32 scales).
+
+Backward (straight-through): dL/dw = g·pass(x) and dL/dα = s·Σ_group g·∂q/∂α(x), with LSQ's
+gradient scale s = 1/sqrt(numel(W)·Qp) for every kind.
+
+Each kind is one `Quantizer` description (BINARY, TERNARY, SEQ, LSQ). The MLX-ops reference
+below calls its methods; the CPU, Metal and CUDA kernels receive its `kernel_id` (the KIND
+constant of kernels/fake_quant.h) and its clip levels. Nothing else tells the kinds apart.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-BITS = (1, 1.58, 2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-CLIP = 0.99  # SEQ clip edge for ternary and 2-bit
+CLIP = 0.99  # the clip edge of ternary and SEQ 2-bit
 MIN_SCALE = 1e-5
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One kind of weight quantizer: all that differs between the kinds.
+
+    name: the kind's name; bits: the widths it serves; kernel_id: the KIND template constant
+    that kernels/fake_quant.h branches on. The methods are the MLX-ops reference of the same
+    per-element math, in the kernels' operation order, so the kernels reproduce it bit for
+    bit. x = w / α; (qn, qp) = levels(bits) are the clip levels the kernels also receive.
+    """
+
+    name: str
+    bits: Tuple[float, ...]
+    kernel_id: int
+
+    def levels(self, bits: float) -> Tuple[int, int]:
+        """(Qn, Qp) = (−1, 1): ParetoQ's convention below 3 bits (it sets the gradient scale)."""
+        return -1, 1
+
+    def init_scale(self, magnitude: mx.array, qp: int) -> mx.array:
+        """α₀ = max |w| / Qp over each group of `magnitude` = |w| [out, in / g, g]."""
+        return magnitude.max(axis=-1) / qp
+
+    def codes(self, x: mx.array, qn: int, qp: int) -> mx.array:
+        """The integer grid codes of x, as floats."""
+        raise NotImplementedError
+
+    def affine_grid(self, alpha: mx.array, qn: int) -> Tuple[mx.array, mx.array]:
+        """(scale, bias) with ŵ = scale·code + bias."""
+        raise NotImplementedError
+
+    def level(self, x: mx.array, qn: int, qp: int) -> mx.array:
+        """q(x), in units of α."""
+        raise NotImplementedError
+
+    def straight_through(self, x: mx.array, qn: int, qp: int) -> Tuple[mx.array, mx.array]:
+        """(pass, ∂q/∂α): where w's gradient passes, and α's per-element factor."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Binary(Quantizer):
+    """q(x) = sign(x), sign(0) = +1: code = [x ≥ 0], ŵ = 2α·code − α; α₀ = mean |w|.
+    Straight-through: w's gradient passes where |x| ≤ 1; ∂q/∂α = sign(x)."""
+
+    def init_scale(self, magnitude, qp):
+        return magnitude.mean(axis=-1)
+
+    def codes(self, x, qn, qp):
+        return (x >= 0).astype(x.dtype)
+
+    def affine_grid(self, alpha, qn):
+        return 2 * alpha, -alpha
+
+    def level(self, x, qn, qp):
+        return mx.where(x >= 0, 1.0, -1.0)
+
+    def straight_through(self, x, qn, qp):
+        return mx.abs(x) <= 1, self.level(x, qn, qp)
+
+
+@dataclass(frozen=True)
+class _Clipped(Quantizer):
+    """Ternary and SEQ 2-bit: c = clip(x, ±0.99), r = round(c·steps − offset);
+    q(x) = (r + offset) / steps, code = r + zero, ŵ = scale·code + scale·(offset − zero) with
+    scale = α / steps. Ternary: steps 1.5, offset 0, zero 1 (levels 0, ±2/3); SEQ: steps 2,
+    offset 0.5, zero 2 (levels ±1/4, ±3/4). α₀ = max |w|.
+    Straight-through: passes where |x| ≤ 0.99; ∂q/∂α = q(x) − x there, ±edge beyond."""
+
+    steps: float
+    offset: float
+    zero: float
+    edge: float
+
+    def _rounded(self, x):
+        return mx.round(mx.clip(x, -CLIP, CLIP) * self.steps - self.offset)
+
+    def codes(self, x, qn, qp):
+        return self._rounded(x) + self.zero
+
+    def affine_grid(self, alpha, qn):
+        # The kernels' (α·2)/3 and α·(−0.75) bit for bit: α·2 and α/2 are exact.
+        scale = alpha / self.steps
+        return scale, scale * (self.offset - self.zero)
+
+    def level(self, x, qn, qp):
+        r = self._rounded(x)
+        # No "+ 0" for ternary: r's −0 stays −0, as in the kernels.
+        return (r + self.offset if self.offset else r) / self.steps
+
+    def straight_through(self, x, qn, qp):
+        inside = mx.clip(x, -CLIP, CLIP) == x  # |x| <= 0.99, sharing the clip that level() computes
+        return inside, mx.where(inside, self.level(x, qn, qp) - x, mx.where(x > 0, self.edge, -self.edge))
+
+
+@dataclass(frozen=True)
+class _Lsq(Quantizer):
+    """B = 3–8 bits: q(x) = clip(round(x), Qn, Qp), Qn = −2^(B−1), Qp = 2^(B−1) − 1;
+    code = q − Qn, ŵ = α·code + α·Qn; α₀ = max |w| / Qp.
+    Straight-through: passes where Qn ≤ x ≤ Qp; ∂q/∂α = round(x) − x there, Qn or Qp beyond."""
+
+    def levels(self, bits):
+        return -(2 ** (int(bits) - 1)), 2 ** (int(bits) - 1) - 1
+
+    def codes(self, x, qn, qp):
+        return mx.clip(mx.round(x), qn, qp) - qn
+
+    def affine_grid(self, alpha, qn):
+        return alpha, alpha * qn
+
+    def level(self, x, qn, qp):
+        return mx.clip(mx.round(x), qn, qp)
+
+    def straight_through(self, x, qn, qp):
+        below, above = x < qn, x > qp
+        outside = mx.where(below, float(qn), float(qp))
+        return ~(below | above), mx.where(below | above, outside, mx.round(x) - x)
+
+
+BINARY = _Binary("binary", (1,), kernel_id=0)
+TERNARY = _Clipped("ternary", (1.58,), kernel_id=1, steps=1.5, offset=0.0, zero=1.0, edge=1.0)
+SEQ = _Clipped("seq", (2,), kernel_id=2, steps=2.0, offset=0.5, zero=2.0, edge=0.75)
+LSQ = _Lsq("lsq", (3, 4, 5, 6, 8), kernel_id=3)
+QUANTIZERS = (BINARY, TERNARY, SEQ, LSQ)
+BITS = tuple(b for q in QUANTIZERS for b in q.bits)
 
 
 @dataclass(frozen=True)
@@ -54,22 +186,26 @@ class QuantSpec:
             )
 
     @property
+    def quantizer(self) -> Quantizer:
+        return next(q for q in QUANTIZERS if self.bits in q.bits)
+
+    @property
     def kind(self) -> str:
-        return {1: "binary", 1.58: "ternary", 2: "seq"}.get(self.bits, "lsq")
+        return self.quantizer.name
 
     @property
     def storage_bits(self) -> int:
-        """Bits per code in the packed export (ternary's 3 levels need 2)."""
-        return 2 if self.bits == 1.58 else int(self.bits)
+        """Bits per code in the packed export: ⌈bits⌉ (ternary's 3 levels need 2)."""
+        return math.ceil(self.bits)
 
     @property
     def qn(self) -> int:
-        return -(2 ** (int(self.bits) - 1)) if self.kind == "lsq" else -1
+        return self.quantizer.levels(self.bits)[0]
 
     @property
     def qp(self) -> int:
         """The positive clip level; 1 for binary, ternary and 2-bit (ParetoQ's convention)."""
-        return 2 ** (int(self.bits) - 1) - 1 if self.kind == "lsq" else 1
+        return self.quantizer.levels(self.bits)[1]
 
     def group_size_for(self, in_features: int) -> int:
         """The number of inputs sharing one scale, checked against the matrix width."""
@@ -96,9 +232,29 @@ class QuantSpec:
             f"row length to be a multiple of {min(GROUP_SIZES)}"
         )
 
+    def to_dict(self) -> dict:
+        """{"bits": ..., "group_size": ...}: JSON-ready, read back by `from_dict`."""
+        return {"bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        unknown = set(data) - {"bits", "group_size"}
+        if unknown or "bits" not in data:
+            raise ValueError(f"a QuantSpec is {{'bits': ..., 'group_size': ...}}; got {data!r}")
+        return cls(data["bits"], data.get("group_size"))
+
     def __str__(self) -> str:
         granularity = "channel" if self.group_size is None else f"g{self.group_size}"
         return f"{self.bits}-bit/{granularity}"
+
+
+def specs_to_dict(specs: Dict[str, QuantSpec]) -> Dict[str, dict]:
+    """A {module path: QuantSpec} dict as JSON-ready data; `specs_from_dict` reads it back."""
+    return {path: spec.to_dict() for path, spec in specs.items()}
+
+
+def specs_from_dict(data: Dict[str, dict]) -> Dict[str, QuantSpec]:
+    return {path: QuantSpec.from_dict(spec) for path, spec in data.items()}
 
 
 def grouped(w: mx.array, spec: QuantSpec) -> mx.array:
@@ -123,51 +279,27 @@ def default_embedding_bits(bits: float) -> float:
 
 
 def init_scale(w: mx.array, spec: QuantSpec) -> mx.array:
-    """α per group from the weights: [out, in / group_size] (or [out, 1] per channel), float32."""
+    """α per group from the weights: [out, in / group_size] (or [out, 1] per channel), float32,
+    at least 1e-5: mean |w| (binary), max |w| / Qp (the others; Qp = 1 below 3 bits)."""
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {w.shape}")
-    a = mx.abs(grouped(w.astype(mx.float32), spec))
-    if spec.kind == "binary":
-        alpha = a.mean(axis=-1)
-    elif spec.kind == "lsq":
-        alpha = a.max(axis=-1) / spec.qp
-    else:
-        alpha = a.max(axis=-1)
-    return mx.maximum(alpha, MIN_SCALE)
+    magnitude = mx.abs(grouped(w.astype(mx.float32), spec))
+    return mx.maximum(spec.quantizer.init_scale(magnitude, spec.qp), MIN_SCALE)
 
 
 def codes(x: mx.array, spec: QuantSpec) -> mx.array:
     """Integer grid codes in [0, 2^storage_bits − 1] (as floats) of x = w / α."""
-    if spec.kind == "binary":
-        return (x >= 0).astype(x.dtype)
-    if spec.kind == "ternary":
-        return mx.round(mx.clip(x, -CLIP, CLIP) * 1.5) + 1
-    if spec.kind == "seq":
-        return mx.round(mx.clip(x, -CLIP, CLIP) * 2 - 0.5) + 2
-    return mx.clip(mx.round(x), spec.qn, spec.qp) - spec.qn
+    return spec.quantizer.codes(x, spec.qn, spec.qp)
 
 
 def affine_grid(alpha: mx.array, spec: QuantSpec) -> Tuple[mx.array, mx.array]:
     """(scale, bias) with ŵ = scale·code + bias: MLX's affine layout of the learned grid."""
-    if spec.kind == "binary":
-        return 2 * alpha, -alpha
-    if spec.kind == "ternary":
-        scale = alpha * 2 / 3
-        return scale, -scale
-    if spec.kind == "seq":
-        return alpha / 2, alpha * -0.75
-    return alpha, alpha * spec.qn
+    return spec.quantizer.affine_grid(alpha, spec.qn)
 
 
 def level(x: mx.array, spec: QuantSpec) -> mx.array:
-    """q(x): the forward level in units of α (DESIGN §3's table)."""
-    if spec.kind == "binary":
-        return mx.where(x >= 0, 1.0, -1.0)
-    if spec.kind == "ternary":
-        return mx.round(mx.clip(x, -CLIP, CLIP) * 1.5) / 1.5
-    if spec.kind == "seq":
-        return (mx.round(mx.clip(x, -CLIP, CLIP) * 2 - 0.5) + 0.5) * 0.5  # = / 2, exactly
-    return mx.clip(mx.round(x), spec.qn, spec.qp)
+    """q(x): the forward level in units of α (the table above)."""
+    return spec.quantizer.level(x, spec.qn, spec.qp)
 
 
 def gradient_scale(numel: int, spec: QuantSpec) -> float:
@@ -176,13 +308,6 @@ def gradient_scale(numel: int, spec: QuantSpec) -> float:
 
 
 def straight_through(x: mx.array, spec: QuantSpec) -> Tuple[mx.array, mx.array]:
-    """(pass, dα_unit): dL/dw = g·pass and the per-element dL/dα = g·s·dα_unit (DESIGN §3)."""
-    if spec.kind == "binary":
-        return (mx.abs(x) <= 1), mx.where(x >= 0, 1.0, -1.0)
-    if spec.kind in ("ternary", "seq"):
-        inside = mx.clip(x, -CLIP, CLIP) == x  # |x| <= 0.99, sharing the clip that level() computes
-        edge = 1.0 if spec.kind == "ternary" else 0.75
-        return inside, mx.where(inside, level(x, spec) - x, mx.where(x > 0, edge, -edge))
-    below, above = x < spec.qn, x > spec.qp
-    outside = mx.where(below, float(spec.qn), float(spec.qp))
-    return ~(below | above), mx.where(below | above, outside, mx.round(x) - x)
+    """(pass, dα_unit): dL/dw = g·pass and the per-element dL/dα = g·s·dα_unit, with
+    dα_unit = ∂q/∂α at x as each kind's description states it."""
+    return spec.quantizer.straight_through(x, spec.qn, spec.qp)

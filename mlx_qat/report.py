@@ -1,9 +1,10 @@
 """What a run leaves behind: metrics.jsonl, summary.json and its table, and the loss plot."""
 
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
+
+from . import atomic
 
 
 class Metrics:
@@ -20,16 +21,6 @@ class Metrics:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def count(self) -> int:
-        return len(self.read())
-
-    def truncate(self, n: int) -> None:
-        """Keep the first n records: those written before the checkpoint a run resumes from."""
-        records = self.read()[:n]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.path)
 
 
 def _event_loss(records: List[dict], event: str) -> Optional[float]:
@@ -55,13 +46,12 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
         "size_bytes": exported.size_bytes,
         "train_seconds": train_seconds,
         "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+        "model": str(exported.path),
     }
 
 
 def write_summary(out: Path, summary: dict) -> None:
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
 
 
 def format_summary(s: dict) -> str:
@@ -81,6 +71,7 @@ def format_summary(s: dict) -> str:
         ("size on disk", f"{s['size_bytes'] / 2**20:.2f} MiB"),
         ("wall time", f"{s['train_seconds']:.1f} s"),
         ("tokens/s", fmt(s["tokens_per_s"], ",.0f")),
+        ("model", s["model"]),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

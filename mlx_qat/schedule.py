@@ -1,4 +1,4 @@
-"""Token-based learning-rate schedules for FP -> QAT runs (DESIGN §7).
+"""Token-based learning-rate schedules for FP -> QAT runs.
 
 WSD (warmup-stable-decay): linear warmup to the peak, constant, linear decay to ~0.
 
@@ -6,10 +6,15 @@ WSD (warmup-stable-decay): linear warmup to the peak, constant, linear decay to 
 - fused (cooldown & QAT fusion): FP warmup -> stable, with no FP cooldown; QAT starts at the
   peak where the cooldown would have begun and carries the decay across the whole QAT phase.
 
-Warmup and cooldown are fractions of the phase they belong to.
+Warmup and cooldown are tokens of the phase they belong to, given either as fractions of that
+phase or as token counts (which win). Token counts make runs with different D_fp share their
+FP learning rates exactly up to where their schedules part: the same warmup, then the peak.
+A warmup longer than its phase is cut off by the phase's end (the slope stays that of the
+whole warmup); a cooldown takes at most what the warmup leaves.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 SCHEDULES = ("separate", "fused")
 
@@ -33,6 +38,8 @@ class Schedule:
     kind: str = "separate"
     warmup: float = 0.05
     cooldown: float = 0.2
+    warmup_tokens: Optional[int] = None
+    cooldown_tokens: Optional[int] = None
     final_lr_fraction: float = 0.0
 
     def __post_init__(self):
@@ -45,15 +52,22 @@ class Schedule:
         if self.warmup + self.cooldown > 1:
             raise ValueError(f"warmup + cooldown = {self.warmup + self.cooldown} exceeds the phase")
 
+    def phase_warmup(self, length: int) -> float:
+        return self.warmup * length if self.warmup_tokens is None else self.warmup_tokens
+
+    def phase_cooldown(self, length: int) -> float:
+        tokens = self.cooldown * length if self.cooldown_tokens is None else self.cooldown_tokens
+        return min(tokens, max(0, length - self.phase_warmup(length)))
+
     def __call__(self, tokens: float) -> float:
         """The learning rate after `tokens` tokens of the whole run."""
-        fused = self.kind == "fused"
-        final = self.final_lr_fraction
+        fused, final = self.kind == "fused", self.final_lr_fraction
         if tokens < self.fp_tokens or self.qat_tokens == 0:
-            cooldown = 0 if fused and self.qat_tokens else self.cooldown * self.fp_tokens
-            return wsd(tokens, self.fp_tokens, self.peak_lr, self.warmup * self.fp_tokens, cooldown, final)
-        t = tokens - self.fp_tokens
-        if fused:
-            warmup = self.warmup * self.qat_tokens if self.fp_tokens == 0 else 0
-            return wsd(t, self.qat_tokens, self.peak_lr, warmup, self.qat_tokens - warmup, final)
-        return wsd(t, self.qat_tokens, self.peak_lr, self.warmup * self.qat_tokens, self.cooldown * self.qat_tokens, final)
+            length = self.fp_tokens
+            cooldown = 0 if fused and self.qat_tokens else self.phase_cooldown(length)
+            return wsd(tokens, length, self.peak_lr, self.phase_warmup(length), cooldown, final)
+        t, length = tokens - self.fp_tokens, self.qat_tokens
+        if fused:  # QAT goes on at the peak and decays over its whole phase
+            warmup = self.phase_warmup(length) if self.fp_tokens == 0 else 0
+            return wsd(t, length, self.peak_lr, warmup, length - warmup, final)
+        return wsd(t, length, self.peak_lr, self.phase_warmup(length), self.phase_cooldown(length), final)

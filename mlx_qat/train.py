@@ -1,43 +1,46 @@
 """Train a transformer in full precision, then quantization-aware, in one process; export it.
 
     python -m mlx_qat.train --config configs/tiny.yaml --out runs/tiny [--key value ...]
-    python -m mlx_qat.train --config configs/tiny.yaml --out runs/tiny --resume
+    python -m mlx_qat.train --out runs/tiny --resume
+    python -m mlx_qat.train --config configs/tiny.yaml --out runs/branch --init-from runs/tiny/snapshots/409600
 
-The run: data -> model -> FP steps -> (switch: convert to QAT in place, recompile) -> QAT steps
--> validation -> export (mlx-lm checkpoint) -> exported model's validation -> plot, summary.
+A run reads as its stages: FP steps up to D_fp; the switch (the model converted in place to its
+QAT form, α initialised from the trained weights, the step recompiled); QAT steps up to D_total;
+finish (validation, export, the export's validation through mlx_lm.load, summary, plot).
 The QAT fraction f = D_qat / D_total is a number, or `auto`: the paper's predictor
-f̂ = exp(−6.7297 / ln S_total), S_total = D_total / (N · B/8).
+f̂ = exp(−6.7297 / ln S_total), S_total = D_total / (N · B/8) tokens per parameter byte.
+
+--resume continues a killed run from its rolling checkpoint. --init-from starts a *new* run from
+a snapshot or checkpoint of another one (weights, α, optimizer state, token count) and trains
+on to this run's plan: runs that share a trajectory up to token T branch there.
 """
 
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, List, Optional
 
 from . import blas  # noqa: F401  (the fast BLAS, before mlx.core)
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import mlx_lm  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
+import mlx_lm  # noqa: E402
 import yaml  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from . import checkpoint, config, data, export, law, model as models, report  # noqa: E402
-from .layers import to_qat  # noqa: E402
+from . import atomic, checkpoint, config, data, export, law, model as models, report  # noqa: E402
+from .evaluate import evaluate, loss_fn  # noqa: E402
+from .layers import is_learned_scale, quant_specs, to_qat  # noqa: E402
+from .monitor import Monitor, TrainingError  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on, with what to do about it."""
+SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def plan_run(cfg: config.TrainConfig, n_params: int) -> RunPlan:
     return RunPlan(n_params, cfg.tokens_per_step, total_steps - qat_steps, qat_steps, cfg.bits)
 
 
-# ---------------------------------------------------------------- data, model, optimizer
+# ---------------------------------------------------------------- data, model, optimizer, step
 
 
 def load_data(cfg: config.TrainConfig) -> data.TokenData:
@@ -103,21 +106,15 @@ def load_data(cfg: config.TrainConfig) -> data.TokenData:
     return data.TokenData.load(cache)
 
 
-def make_optimizer(cfg: config.TrainConfig) -> optim.Optimizer:
+def make_optimizer(cfg: config.TrainConfig) -> optim.MultiOptimizer:
     """AdamW on the weights; no weight decay on norms and biases; α has an optimizer (and
     state) of its own, which the QAT phase starts fresh."""
     adamw = partial(optim.AdamW, learning_rate=cfg.learning_rate, betas=[cfg.beta1, cfg.beta2])
-    is_alpha = lambda path, _: path.endswith("alpha")  # noqa: E731
     is_vector = lambda _, p: p.ndim < 2  # noqa: E731
     return optim.MultiOptimizer(
         [adamw(weight_decay=0.0), adamw(weight_decay=0.0), adamw(weight_decay=cfg.weight_decay)],
-        [is_alpha, is_vector],
+        [lambda path, _: is_learned_scale(path), is_vector],
     )
-
-
-def loss_fn(model: nn.Module, batch: mx.array) -> mx.array:
-    # MLX's fused cross-entropy: one kernel with float32 accumulation on Metal/CUDA.
-    return mx.fast.cross_entropy(model(batch[:, :-1]), batch[:, 1:]).mean()
 
 
 def keep_freed_buffers() -> None:
@@ -132,7 +129,7 @@ def keep_freed_buffers() -> None:
 
 
 def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float) -> Callable:
-    """One compiled step: forward, backward, clip, AdamW update. Rebuilt at the FP->QAT switch,
+    """One compiled step: forward, backward, clip, AdamW update. Rebuilt by `switch_to_qat`,
     when the model's layers (and so its state) change."""
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -149,154 +146,192 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: flo
     return step
 
 
-def evaluate(model: nn.Module, batches: Iterable[np.ndarray]) -> float:
-    """Mean next-token cross-entropy over the batches."""
-    total, count = 0.0, 0
-    for b in map(mx.array, batches):
-        total += mx.fast.cross_entropy(model(b[:, :-1]), b[:, 1:]).sum().item()
-        count += b.shape[0] * (b.shape[1] - 1)
-    return total / count
+def switch_to_qat(model: nn.Module, optimizer: optim.MultiOptimizer, cfg: config.TrainConfig, specs=None) -> Callable:
+    """The one FP -> QAT moment, wherever a model enters its QAT form (at D_fp, at step 0, or
+    to restore a QAT checkpoint): swap in QAT layers (α from the weights the model holds now;
+    `specs` default to the config's policy), optionally forget the weights' Adam state, and
+    return the step recompiled for the new layers."""
+    to_qat(model, specs if specs is not None else quant_specs(model, cfg.spec, cfg.embedding_spec))
+    if not cfg.keep_optimizer_state:  # keep the step count and learning rate, drop the moments
+        for sub in optimizer.optimizers:
+            sub.state = {k: v for k, v in sub.state.items() if k in ("step", "learning_rate")}
+    return make_train_step(model, optimizer, cfg.grad_clip)
 
 
-def switch_to_qat(model: nn.Module, optimizer: optim.Optimizer, cfg: config.TrainConfig) -> None:
-    """The FP -> QAT moment: swap in QAT layers (α from the trained weights); optionally
-    forget the weights' Adam state."""
-    to_qat(model, cfg.spec, cfg.embedding_spec)
-    if not cfg.keep_optimizer_state:
-        for o in optimizer.optimizers:
-            o.state = {}
+@dataclass
+class RunState:
+    """What the loop advances: the model, its optimizer and compiled step, the step count."""
+
+    cfg: config.TrainConfig
+    plan: RunPlan
+    schedule: Schedule
+    model: nn.Module
+    optimizer: optim.MultiOptimizer
+    step_fn: Callable
+    step: int = 0
+    phase: str = "fp"
+
+
+def setup(cfg: config.TrainConfig, dataset: data.TokenData) -> RunState:
+    model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
+    plan = plan_run(cfg, models.num_params(model))
+    schedule = Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
+                        cfg.warmup_tokens, cfg.cooldown_tokens)
+    optimizer = make_optimizer(cfg)
+    return RunState(cfg, plan, schedule, model, optimizer, make_train_step(model, optimizer, cfg.grad_clip))
+
+
+# ---------------------------------------------------------------- where a run starts
+
+
+RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at"}
+
+
+def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: Optional[Path]) -> Optional[Path]:
+    """The checkpoint this run starts from (None: from scratch), once `out` is known to fit."""
+    if resume and init_from is not None:
+        raise TrainingError("--resume continues a run and --init-from starts a new one: pass one of them")
+    if not resume:
+        if out.exists() and any(out.iterdir()):
+            raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+        if init_from is not None:
+            checkpoint.read_meta(init_from)  # it must be a checkpoint or snapshot
+        return init_from
+    if not out.is_dir():
+        raise TrainingError(f"{out} does not exist, so there is no run to resume; drop --resume to start one there")
+    path = checkpoint.find(out)
+    if path is None:
+        raise TrainingError(
+            f"{out} has no checkpoint to resume from (the run stopped before its first checkpoint, at step "
+            f"{cfg.checkpoint_every}); start it again with a new --out, or delete {out}"
+        )
+    saved = checkpoint.read_meta(path)["config"]
+    changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise TrainingError(f"the config differs from the run in {out} ({diff}); resume without --config, or use a new --out")
+    return path
+
+
+def check_branch(state: RunState, meta: dict, path: Path) -> int:
+    """The step at which this run takes over the checkpoint at `path`, or a clear error."""
+    plan, tokens = state.plan, meta["tokens"]
+    if meta["model_config"] != models.config_dict(state.model):
+        raise TrainingError(f"{path} holds another model than this run's; branch from a run with the same model and data")
+    if tokens % plan.tokens_per_step or tokens > plan.total_tokens:
+        raise TrainingError(f"{path} was taken at {tokens:,} tokens, which is not a step boundary of this run "
+                            f"({plan.tokens_per_step:,} tokens per step, {plan.total_tokens:,} in all)")
+    if meta["phase"] == "fp" and plan.qat_steps and tokens > plan.fp_tokens:
+        raise TrainingError(f"{path} is full precision at {tokens:,} tokens, past this run's switch to QAT at "
+                            f"{plan.fp_tokens:,}; branch from a snapshot at or before D_fp")
+    if meta["phase"] == "qat":
+        if tokens < plan.fp_tokens:
+            raise TrainingError(f"{path} is already in QAT at {tokens:,} tokens, before this run's switch at {plan.fp_tokens:,}")
+        expected = quant_specs(state.model, state.cfg.spec, state.cfg.embedding_spec) if state.phase == "fp" else None
+        if expected is not None and checkpoint.specs(meta) != expected:
+            raise TrainingError(f"{path} is quantized differently from this run's bits/group_size/embedding_bits")
+    return tokens // plan.tokens_per_step
+
+
+def start_from(state: RunState, path: Path, out: Path) -> None:
+    """Continue from a checkpoint or snapshot: its weights, α, optimizer state, token count and
+    the metrics that led there."""
+    meta = checkpoint.read_meta(path)
+    step = check_branch(state, meta, path)
+    if meta["phase"] == "qat":
+        state.step_fn = switch_to_qat(state.model, state.optimizer, state.cfg, checkpoint.specs(meta))
+        state.phase = "qat"
+    checkpoint.restore(path, state.model, state.optimizer)
+    state.step = step
+    metrics = path / "metrics.jsonl"
+    atomic.write_text(out / "metrics.jsonl", metrics.read_text() if metrics.exists() else "")
 
 
 # ---------------------------------------------------------------- the run
 
 
-RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache"}
+def train_range(state: RunState, end: int, dataset: data.TokenData, monitor: Monitor) -> None:
+    """Steps state.step .. end − 1 at the schedule's learning rates; knows nothing of phases."""
+    cfg, tokens_per_step = state.cfg, state.plan.tokens_per_step
+    for step in range(state.step, end):
+        lr = state.schedule((step + 0.5) * tokens_per_step)  # the LR at the middle of this step
+        state.optimizer.learning_rate = lr
+        loss = state.step_fn(mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)))
+        mx.async_eval(loss, state.model.state, state.optimizer.state)  # compute while the next batch is read
+        state.step = step + 1
+        monitor.after_step(state, loss, lr)
 
 
-def _resumable(out: Path, cfg: config.TrainConfig) -> Optional[Path]:
-    path = checkpoint.find(out)
-    if path is None:
-        return None
-    saved = checkpoint.read_meta(path)["config"]
-    changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE}
-    if changed:
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise TrainingError(f"the config differs from the run in {out} ({diff}); resume with its config.yaml or use a new --out")
-    return path
+def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor, validate, train_seconds: float) -> dict:
+    """Final validation, export, the export's validation through mlx_lm.load, plot, summary."""
+    final_loss = validate(state.model)
+    monitor.end_of_phase(state, final_loss)
+    model_dir = out / "model"
+    if state.phase == "qat":
+        exported = export.export(state.model, model_dir, tokenizer=dataset.path, scales_dtype=state.cfg.export_scales, overwrite=True)
+    else:
+        exported = export.export_fp(state.model, model_dir, tokenizer=dataset.path, overwrite=True)
+    loaded, _ = mlx_lm.load(str(model_dir))
+    exported_loss = validate(loaded)
+
+    records = monitor.metrics.read()
+    plan = state.plan
+    report.plot(records, plan.fp_tokens if plan.qat_steps else None, out / "loss.png")
+    summary = report.summary(plan, records, final_loss, exported_loss, exported, train_seconds, state.cfg)
+    report.write_summary(out, summary)  # last: its presence marks the run finished
+    return summary
 
 
-def run(cfg: config.TrainConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
+def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Optional[Path] = None,
+        show_progress: bool = True) -> dict:
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if resume and (out / SUMMARY).exists():
+        print(f"the run in {out} is finished; nothing to do (its summary is {out / SUMMARY})", file=sys.stderr)
+        return json.loads((out / SUMMARY).read_text())
+    source = starting_point(out, cfg, resume, Path(init_from) if init_from else None)
     out.mkdir(parents=True, exist_ok=True)
     keep_freed_buffers()
-
-    # Data and model
     dataset = load_data(cfg)
-    args = models.model_args(cfg.model, dataset.vocab_size)
-    model = models.build(args, cfg.seed)
-    plan = plan_run(cfg, models.num_params(model))
-    schedule = Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown)
-    optimizer = make_optimizer(cfg)
-    val_batches = lambda: data.eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # noqa: E731
-    metrics = report.Metrics(out / "metrics.jsonl")
+    state = setup(cfg, dataset)
+    if source is not None:
+        start_from(state, source, out)
+    atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    start, phase = 0, "fp"
-    if resume and (ckpt := _resumable(out, cfg)) is not None:
-        meta = checkpoint.read_meta(ckpt)
-        start, phase = meta["step"], meta["phase"]
-        if phase == "qat":
-            to_qat(model, cfg.spec, cfg.embedding_spec)
-        optimizer.init(model.trainable_parameters())
-        checkpoint.restore(ckpt, model, optimizer)
-        metrics.truncate(meta["metrics_records"])
-    elif resume:
-        print(f"no checkpoint in {out}; starting from scratch", file=sys.stderr)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    if plan.fp_steps == 0 and phase == "fp":  # QAT from scratch
-        switch_to_qat(model, optimizer, cfg)
-        phase = "qat"
-    step_fn = make_train_step(model, optimizer, cfg.grad_clip)
-    last_good = start
-
-    bar = tqdm(total=plan.total_steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True)
-    started, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
-    for step in range(start, plan.total_steps):
-        if step == plan.fp_steps and phase == "fp":
-            # The FP -> QAT switch: validate the FP model, convert in place, recompile.
-            metrics.log(step=step, tokens=step * plan.tokens_per_step, phase="fp", val_loss=evaluate(model, val_batches()), event="end_fp")
-            switch_to_qat(model, optimizer, cfg)
-            step_fn = make_train_step(model, optimizer, cfg.grad_clip)
-            phase = "qat"
-
-        tokens = step * plan.tokens_per_step
-        lr = schedule(tokens + plan.tokens_per_step / 2)  # the LR at the middle of this step
-        optimizer.learning_rate = lr
-        loss = step_fn(mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)))
-        mx.async_eval(loss, model.state, optimizer.state)  # compute this step while the next batch is read
-        window_tokens += plan.tokens_per_step
-
-        done = step + 1
-        report_now = done % cfg.report_every == 0 or done == plan.total_steps
-        checkpoint_now = done % cfg.checkpoint_every == 0 and done != plan.total_steps
-        if report_now or checkpoint_now:  # never checkpoint a diverged model
-            loss = loss.item()
-            if not math.isfinite(loss):
-                bar.close()
-                raise TrainingError(
-                    f"the loss became {loss} at step {done}; the last good checkpoint (step {last_good}) is kept in "
-                    f"{out}. Lower learning_rate or grad_clip, then --resume or start afresh"
-                )
-        if report_now:
-            elapsed = time.perf_counter() - window_start
-            record = dict(step=done, tokens=done * plan.tokens_per_step, phase=phase, loss=loss, lr=lr,
-                          tokens_per_s=window_tokens / elapsed)
-            window_start, window_tokens = time.perf_counter(), 0
-            if done % cfg.eval_every == 0 and done != plan.total_steps:
-                record["val_loss"] = evaluate(model, val_batches())
-            metrics.log(**record)
-            bar.set_postfix(phase=phase, tokens=f"{record['tokens']:,}", loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
-        if checkpoint_now:
-            mx.eval(model.parameters(), optimizer.state)
-            meta = {"step": done, "phase": phase, "seed": cfg.seed, "metrics_records": metrics.count(), "config": cfg.to_dict()}
-            checkpoint.save(out, model, optimizer, meta)
-            last_good = done
-        bar.update(1)
-    bar.close()
-    train_seconds = time.perf_counter() - started
-
-    # Final validation, export, and the exported model's validation through mlx_lm.load
-    final_loss = evaluate(model, val_batches())
-    metrics.log(step=plan.total_steps, tokens=plan.total_tokens, phase=phase, val_loss=final_loss, event=f"end_{phase}")
-    model_dir = out / "model"
-    if phase == "qat":
-        exported = export.export(model, model_dir, tokenizer=dataset.path, scales_dtype=cfg.export_scales, overwrite=True)
-    else:
-        exported = export.export_fp(model, model_dir, tokenizer=dataset.path, overwrite=True)
-    loaded, _ = mlx_lm.load(str(model_dir))
-    exported_loss = evaluate(loaded, val_batches())
-
-    records = metrics.read()
-    summary = report.summary(plan, records, final_loss, exported_loss, exported, train_seconds, cfg)
-    report.write_summary(out, summary)
-    report.plot(records, plan.fp_tokens if plan.qat_steps else None, out / "loss.png")
-    return summary
+    val_batches = partial(data.eval_batches, dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    validate = lambda model: evaluate(model, val_batches())  # noqa: E731
+    monitor = Monitor(out, cfg, state.plan, validate, state.step, show_progress)
+    started = time.perf_counter()
+    try:
+        train_range(state, state.plan.fp_steps, dataset, monitor)  # full precision
+        if state.plan.qat_steps and state.phase == "fp":  # the switch
+            if state.step > 0:
+                monitor.end_of_phase(state, validate(state.model))
+            state.step_fn = switch_to_qat(state.model, state.optimizer, cfg)
+            state.phase = "qat"
+        train_range(state, state.plan.total_steps, dataset, monitor)  # quantization-aware
+    finally:
+        monitor.close()
+    return finish(state, out, dataset, monitor, validate, time.perf_counter() - started)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlx_qat.train", description=__doc__)
-    parser.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    parser.add_argument("--config", type=Path, help="YAML config (see configs/); with --resume, default: the run's config.yaml")
     parser.add_argument("--out", type=Path, required=True, help="run directory")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--init-from", type=Path, metavar="PATH",
+                        help="start this new run from a snapshot or checkpoint of another run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     config.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     try:
-        cfg = config.load(args.config, config.parse_overrides(rest))
-        summary = run(cfg, args.out, resume=args.resume, show_progress=not args.no_progress)
+        config_path = args.config
+        if args.resume and config_path is None:
+            config_path = args.out / "config.yaml"
+            if not config_path.exists():
+                raise TrainingError(f"{args.out} holds no run to resume (no config.yaml); drop --resume to start one there")
+        cfg = config.load(config_path, config.parse_overrides(rest))
+        summary = run(cfg, args.out, resume=args.resume, init_from=args.init_from, show_progress=not args.no_progress)
     except (ValueError, FileNotFoundError, TrainingError, data.DataError, checkpoint.CheckpointError) as e:
         parser.exit(2, f"error: {e}\n")
     print(report.format_summary(summary))

@@ -1,4 +1,4 @@
-"""The optimized BLAS is found and used (DESIGN §8)."""
+"""The optimized BLAS (MKL or OpenBLAS in place of the reference BLAS of MLX's Linux wheel) is found and used."""
 
 import platform
 import subprocess

@@ -52,6 +52,12 @@ def test_matches_reference_float32(kernel, bits, group_size):
     assert_matches(*both(spec, mx.array(w), mx.array(alpha), mx.array(g)))
 
 
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_matches_reference_with_any_scale(kernel, bits):
+    spec, w, alpha, g = kernel_inputs(bits, 64, seed=2, any_scale=True)
+    assert_matches(*both(spec, mx.array(w), mx.array(alpha), mx.array(g)))
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4])
 def test_matches_reference_half_types(kernel, dtype, bits):
@@ -85,16 +91,17 @@ def test_donated_and_strided_inputs(kernel):
     np.testing.assert_array_equal(np.array(grads["cpu"][0]), np.array(grads["mlx"][0]))
     np.testing.assert_allclose(np.array(grads["cpu"][1]), np.array(grads["mlx"][1]), rtol=1e-4, atol=1e-6)
     g = mx.broadcast_to(mx.array(2.0), w_t.shape)  # stride 0
-    dw, _ = kernel.backward(w_t, alpha, g, 2, -1, 1, 1.0)
+    dw, _ = kernel.backward(w_t, alpha, g, spec.quantizer.kernel_id, spec.qn, spec.qp, 1.0)
     assert mx.array_equal(dw, fq._mlx_backend(spec)[1](w_t, alpha, g)[0]).item()
 
 
 def test_rejects_mismatched_shapes(kernel):
-    w = mx.zeros((4, 64))
+    w, spec = mx.zeros((4, 64)), QuantSpec(4, 32)
+    kind = (spec.quantizer.kernel_id, spec.qn, spec.qp)
     with pytest.raises(ValueError, match="groups dividing in"):
-        kernel.forward(w, mx.ones((4, 3)), 3, -8, 7)
+        kernel.forward(w, mx.ones((4, 3)), *kind)
     with pytest.raises(ValueError, match="cotangent"):
-        kernel.backward(w, mx.ones((4, 2)), mx.zeros((4, 32)), 3, -8, 7, 1.0)
+        kernel.backward(w, mx.ones((4, 2)), mx.zeros((4, 32)), *kind, 1.0)
 
 
 def test_build_is_cached_and_keyed_by_what_goes_into_it(kernel, monkeypatch):

@@ -1,6 +1,7 @@
-"""Lossless export to MLX's packed affine layout and loading through mlx-lm (DESIGN §6)."""
+"""Lossless export to MLX's packed affine layout and loading through mlx-lm."""
 
 import json
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 from mlx_lm.models import llama
 
-from mlx_qat import QuantSpec, init_scale
-from mlx_qat.export import export
-from mlx_qat.layers import QATEmbedding, QATLinear, pack, to_qat
+from mlx.utils import tree_flatten
+
+from mlx_qat import QuantSpec
+from mlx_qat.export import export, export_fp, packed_model
+from mlx_qat.layers import QATEmbedding, QATLinear, pack, quant_specs, to_qat
 
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 8]
 
@@ -69,30 +72,6 @@ def tiny_llama(vocab_size: int, tie: bool = True) -> llama.Model:
     return model
 
 
-def test_to_qat_converts_blocks_and_embedding():
-    model = tiny_llama(256, tie=False)
-    specs = to_qat(model, QuantSpec(2, 64))
-    assert specs["model.layers.0.self_attn.q_proj"] == QuantSpec(2, 64)
-    assert specs["model.layers.1.mlp.down_proj"] == QuantSpec(2, 64)
-    assert specs["model.embed_tokens"] == QuantSpec(4, 64)  # max(B, 4)
-    assert specs["lm_head"] == QuantSpec(4, 64)
-    assert len(specs) == 2 * 7 + 2
-    assert isinstance(model.model.norm, nn.RMSNorm) and isinstance(model.model.layers[0].input_layernorm, nn.RMSNorm)
-    # α comes from the weights the model held at conversion
-    q = model.model.layers[0].self_attn.q_proj
-    np.testing.assert_array_equal(np.array(q.alpha), np.array(init_scale(q.weight, q.spec)))
-    with pytest.raises(ValueError, match="already in QAT form"):
-        to_qat(model, QuantSpec(2, 64))
-
-
-def test_to_qat_keeps_the_fp_function_at_8_bits():
-    model = tiny_llama(256)
-    ids = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
-    before = model(ids)
-    to_qat(model, QuantSpec(8, 32), embedding_spec=QuantSpec(8, 32))
-    assert mx.abs(model(ids) - before).max().item() < 0.1
-
-
 def cross_entropy(model, tokens):
     logits = model(tokens[:, :-1]).astype(mx.float32)
     return nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="mean").item()
@@ -102,8 +81,7 @@ def cross_entropy(model, tokens):
 def qat_model(tokenizer_dir):
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     model = tiny_llama(len(vocab))
-    to_qat(model, QuantSpec(2, 64))
-    return model
+    return to_qat(model, quant_specs(model, QuantSpec(2, 64)))
 
 
 def test_mlx_lm_loads_the_export(qat_model, tokenizer_dir, tmp_path):
@@ -140,7 +118,7 @@ def test_float16_scales_change_the_loss_by_under_half_a_percent(qat_model, token
 def test_mlx_lm_generates_from_low_bit_exports(bits, tokenizer_dir, tmp_path):
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     model = tiny_llama(len(vocab))
-    to_qat(model, QuantSpec(bits, 64))
+    to_qat(model, quant_specs(model, QuantSpec(bits, 64)))
     export(model, tmp_path / "m", tokenizer=tokenizer_dir)
     loaded, tok = mlx_lm.load(str(tmp_path / "m"))
     prompt = tok.encode("the quick")
@@ -153,8 +131,9 @@ def test_mlx_lm_generates_from_low_bit_exports(bits, tokenizer_dir, tmp_path):
 def test_export_refuses_to_overwrite(qat_model, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="overwrite=True") as refused:
         export(qat_model, tmp_path / "m")
+    assert "--overwrite" not in str(refused.value)  # no such flag
     assert (tmp_path / "m" / "keep.txt").read_text() == "user data"
     export(qat_model, tmp_path / "m", overwrite=True)
     assert not (tmp_path / "m" / "keep.txt").exists()
@@ -167,3 +146,28 @@ def test_export_rejects_unconverted_models_and_bad_scales(tmp_path):
     with pytest.raises(ValueError, match="scales_dtype"):
         export(tiny_llama(256), tmp_path / "fp", scales_dtype="int8")
     assert not (tmp_path / "fp").exists()
+
+
+def test_exported_directories_get_the_usual_permissions(qat_model, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        export(qat_model, tmp_path / "m")
+        export_fp(tiny_llama(256), tmp_path / "fp")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "fp").stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "m"]  # nothing left beside them
+
+
+def test_nn_quantize_gives_the_exported_weights(qat_model):
+    """MLX's own nn.quantize on a QAT model and the export pack the same learned grid."""
+    copy = tiny_llama(qat_model.args.vocab_size)
+    to_qat(copy, quant_specs(copy, QuantSpec(2, 64)))
+    copy.load_weights(list(tree_flatten(qat_model.parameters())), strict=True)
+    nn.quantize(copy)
+    exported = dict(tree_flatten(packed_model(qat_model).parameters()))
+    quantized = dict(tree_flatten(copy.parameters()))
+    assert exported.keys() == quantized.keys() and any(k.endswith(".scales") for k in exported)
+    for k, v in exported.items():
+        assert v.dtype == quantized[k].dtype and mx.array_equal(v, quantized[k]).item(), k

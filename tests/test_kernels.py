@@ -17,7 +17,7 @@ import pytest
 from mlx_qat import QuantSpec, fake_quant
 from mlx_qat import gpu
 from mlx_qat.fakequant import BACKEND_ENV_VAR, available_backends, select_backend
-from mlx_qat.quantizers import MIN_SCALE, grouped, straight_through
+from mlx_qat.quantizers import MIN_SCALE, QUANTIZERS, grouped, straight_through
 
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 8]
 GRANULARITIES = [32, 64, 128, None]
@@ -35,13 +35,16 @@ def host(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def kernel_inputs(bits, group_size, dtype=np.float32, seed=0):
-    """Weights whose x = w/α hits rounding ties, clip edges and zero, plus random values."""
+def kernel_inputs(bits, group_size, dtype=np.float32, seed=0, any_scale=False):
+    """Weights whose x = w/α hits rounding ties, clip edges and zero, plus random values.
+    Power-of-two α keep x exact; any_scale draws α from [0.05, 2) (x rounds, the grid's
+    scale and bias are inexact)."""
     rng = np.random.default_rng(seed)
     out_features, in_features = 6, 256
     spec = QuantSpec(bits, group_size)
     groups = 1 if group_size is None else in_features // group_size
-    alpha = (2.0 ** rng.integers(-3, 3, size=(out_features, groups))).astype(np.float32)
+    alpha = (rng.uniform(0.05, 2, size=(out_features, groups)) if any_scale
+             else 2.0 ** rng.integers(-3, 3, size=(out_features, groups))).astype(np.float32)
     alpha[0, 0] = 0.0  # clamped to 1e-5
     special = np.array([0, 0.5, -0.5, 1.5, -1.5, 2.5, 0.99, -0.99, 1.0, -1.0, 0.25, 0.75, -0.25,
                         spec.qp, spec.qn, spec.qp + 0.5, spec.qn - 0.5, spec.qp + 1, spec.qn - 1], dtype=np.float32)
@@ -54,9 +57,9 @@ def kernel_inputs(bits, group_size, dtype=np.float32, seed=0):
 
 
 def constants(spec, w):
-    kinds = {k: v for k, v in gpu.KINDS.items()}
-    group = spec.group_size_for(w.shape[1])
-    return [kinds[spec.kind], spec.qn, spec.qp, group, w.shape[1], w.shape[1] // group, w.size]
+    """The kernels' template constants, in host_emulation.cpp's order, as gpu.template gives them."""
+    template = dict(gpu.template(spec, mx.array(w)))
+    return [template[k] for k in ("KIND", "QN", "QP", "GROUP", "IN_FEATURES", "N_GROUPS", "N")]
 
 
 def run_host(host, suffix, spec, w, alpha, g):
@@ -86,6 +89,13 @@ def test_shared_body_matches_mlx_float32(host, bits, group_size):
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(dw, ref_dw)
     np.testing.assert_array_equal(elem, ref_elem)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_shared_body_matches_mlx_with_any_scale(host, bits):
+    spec, w, alpha, g = kernel_inputs(bits, 64, seed=2, any_scale=True)
+    for got, want in zip(run_host(host, "f32", spec, w, alpha, g), reference(spec, w, alpha, g)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -173,8 +183,8 @@ def cuda_translation_unit() -> str:
         body = gpu.source(f"fake_quant_{direction}.inc")
         parts.append(f"{template}\n__global__ void fake_quant_{direction}({params}) {{\n{gpu.INDEX['cuda']}\n{body}\n}}")
     for t in ("float", "__half", "__nv_bfloat16"):
-        for kind, qn, qp in ((0, -1, 1), (1, -1, 1), (2, -1, 1), (3, -8, 7)):
-            args = f"{t}, {kind}, {qn}, {qp}, 64, 256, 4, 1024"
+        for q in QUANTIZERS:
+            args = f"{t}, {q.kernel_id}, {', '.join(map(str, q.levels(q.bits[0])))}, 64, 256, 4, 1024"
             for direction, params in signatures.items():
                 parts.append(f"template __global__ void fake_quant_{direction}<{args}>({params.replace('T*', t + '*')});")
     return "\n".join(parts) + "\n"

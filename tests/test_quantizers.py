@@ -1,15 +1,23 @@
-"""Quantizer forward levels (hand-computed) and straight-through gradients (DESIGN §3)."""
+"""Quantizer forward levels (hand-computed), straight-through gradients, and the one
+description per kind that every backend reads."""
+
+import dataclasses
+import json
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_qat import QuantSpec, fake_quant, init_scale
+from mlx_qat import QuantSpec, fake_quant, gpu, init_scale
+from mlx_qat import fakequant as fq
+from mlx_qat.quantizers import BITS, QUANTIZERS, Quantizer, specs_from_dict, specs_to_dict
 
 GRANULARITIES = [32, 64, 128, None]
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 8]
 
-# x = w / α -> level q(x) in units of α, worked out by hand from DESIGN §3's table.
+# x = w / α -> level q(x) in units of α, worked out by hand: binary sign(x) with sign(0) = +1;
+# ternary round(clip(x, ±0.99)·1.5) / 1.5; 2-bit (round(clip(x, ±0.99)·2 − 0.5) + 0.5) / 2;
+# B ≥ 3 clip(round(x), −2^(B−1), 2^(B−1) − 1).
 # Round-half-to-even matters at the ties (2-bit at x = k/2, LSQ at x = k + 0.5).
 HAND_CASES = {
     1: [(-2.0, -1), (-0.5, -1), (0.0, 1), (0.3, 1), (1e-8, 1), (-1e-8, -1), (5.0, 1)],
@@ -68,7 +76,10 @@ def test_init_scale(bits, group_size):
 
 
 def ste_reference(w, alpha, g, bits, group_size):
-    """DESIGN §3's straight-through formulas, written out in numpy."""
+    """The straight-through formulas, written out in numpy: w's gradient passes inside the clip
+    range (|x| ≤ 1 binary, |x| ≤ 0.99 ternary/2-bit, Qn ≤ x ≤ Qp LSQ); α's gets g·s·∂q/∂α with
+    ∂q/∂α = sign(x) (binary), q(x) − x inside and ±1 / ±0.75 beyond (ternary / 2-bit),
+    round(x) − x inside and Qn / Qp beyond (LSQ), and s = 1/sqrt(numel · Qp)."""
     out, n = w.shape
     gs = n if group_size is None else group_size
     a = np.maximum(alpha, 1e-5)
@@ -155,3 +166,59 @@ def test_group_size_must_divide_the_row():
 def test_scale_shape_is_checked():
     with pytest.raises(ValueError, match=r"α \[out, 2\]"):
         fake_quant(mx.zeros((4, 128)), mx.ones((4, 1)), QuantSpec(2, 64))
+
+
+def test_one_description_per_kind():
+    assert [q.name for q in QUANTIZERS] == ["binary", "ternary", "seq", "lsq"]
+    assert sorted(q.kernel_id for q in QUANTIZERS) == [0, 1, 2, 3]  # the KIND cases of fake_quant.h
+    assert BITS == tuple(ALL_BITS)
+    for bits in ALL_BITS:
+        spec = QuantSpec(bits)
+        assert [q for q in QUANTIZERS if bits in q.bits] == [spec.quantizer]
+        assert spec.kind == spec.quantizer.name and (spec.qn, spec.qp) == spec.quantizer.levels(bits)
+        assert spec.storage_bits == {1.58: 2}.get(bits, bits)
+    assert not hasattr(gpu, "KINDS")  # no second table of kernel ids
+
+
+def test_kernels_take_the_kind_from_the_description(monkeypatch):
+    """The GPU template and the CPU kernel's arguments carry `spec.quantizer.kernel_id`."""
+    w = mx.zeros((4, 64))
+    for bits in ALL_BITS:
+        spec = QuantSpec(bits, 32)
+        template = dict(gpu.template(spec, w))
+        assert (template["KIND"], template["QN"], template["QP"]) == (spec.quantizer.kernel_id, spec.qn, spec.qp)
+
+    calls = []
+
+    class Recorder:
+        def forward(self, w, alpha, kind, qn, qp):
+            calls.append((kind, qn, qp))
+            return w
+
+    monkeypatch.setattr("mlx_qat.cpu.load", Recorder)
+    for bits in ALL_BITS:
+        spec = QuantSpec(bits, 32)
+        fq._cpu_backend(spec)[0](w, mx.ones((4, 2)))
+        assert calls[-1] == (spec.quantizer.kernel_id, spec.qn, spec.qp)
+
+
+def test_a_new_description_drives_the_reference():
+    """The reference reads only the description: a kind with other constants quantizes on its own grid."""
+    quarters = dataclasses.replace(QuantSpec(2).quantizer, name="quarters", steps=4.0, offset=0.5, zero=4.0)
+    x = mx.array([-1.0, -0.3, 0.0, 0.2, 0.6, 2.0])
+    level = quarters.level(x, -1, 1)
+    scale, bias = quarters.affine_grid(mx.array(1.0), -1)
+    np.testing.assert_allclose(np.array(level), [-0.875, -0.375, 0.125, 0.125, 0.625, 0.875])
+    np.testing.assert_allclose(np.array(quarters.codes(x, -1, 1) * scale + bias), np.array(level))
+    assert isinstance(quarters, Quantizer)
+
+
+def test_spec_dicts_round_trip_through_json():
+    specs = {"model.embed_tokens": QuantSpec(4, 64), "model.layers.0.mlp.up_proj": QuantSpec(1.58, None),
+             "lm_head": QuantSpec(8, 128)}
+    assert specs_from_dict(json.loads(json.dumps(specs_to_dict(specs)))) == specs
+    assert QuantSpec.from_dict({"bits": 2, "group_size": 32}) == QuantSpec(2, 32)
+    with pytest.raises(ValueError, match="bits=7 is not supported"):
+        QuantSpec.from_dict({"bits": 7, "group_size": 64})
+    with pytest.raises(ValueError, match="a QuantSpec is"):
+        QuantSpec.from_dict({"bits": 2, "groupsize": 64})

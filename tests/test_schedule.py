@@ -1,4 +1,4 @@
-"""WSD schedules: separate cooldowns vs cooldown & QAT fusion (DESIGN §7)."""
+"""WSD schedules: separate cooldowns vs cooldown & QAT fusion, in fractions or tokens."""
 
 import numpy as np
 import pytest
@@ -67,3 +67,27 @@ def test_final_lr_fraction():
 def test_invalid_schedules(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Schedule(PEAK, FP, QAT, **kwargs)
+
+
+def test_token_counts_win_over_fractions():
+    s = Schedule(PEAK, FP, QAT, "separate", warmup=0.1, cooldown=0.25, warmup_tokens=500, cooldown_tokens=1000)
+    assert s(250) == pytest.approx(PEAK / 2) and s(500) == PEAK
+    assert s(FP - 1001) == PEAK and s(FP - 500) == pytest.approx(PEAK / 2)
+    assert s(FP + 250) == pytest.approx(PEAK / 2)  # the QAT re-warmup is 500 tokens too
+    assert s(FP + QAT - 500) == pytest.approx(PEAK / 2)
+
+
+def test_runs_with_different_fp_phases_share_their_prefix_in_tokens():
+    """With warmup in tokens, two runs' FP learning rates agree up to the earlier FP cooldown."""
+    kw = dict(warmup_tokens=600, cooldown=0.2)
+    a, b = Schedule(PEAK, 4000, 6000, "separate", **kw), Schedule(PEAK, 9000, 1000, "separate", **kw)
+    t = np.linspace(0, 4000 - 0.2 * 4000, 500)
+    assert [a(x) for x in t] == [b(x) for x in t]
+    fractions = Schedule(PEAK, 4000, 6000, "separate", warmup=0.05), Schedule(PEAK, 9000, 1000, "separate", warmup=0.05)
+    assert fractions[0](300) != fractions[1](300)  # warmup as a fraction of D_fp differs
+
+
+def test_a_warmup_longer_than_its_phase_ends_with_it():
+    s = Schedule(PEAK, 1000, 1000, "separate", warmup_tokens=4000, cooldown_tokens=100)
+    assert s(500) == pytest.approx(PEAK * 500 / 4000)
+    assert s(999) == pytest.approx(PEAK * 999 / 4000)  # no room left for a cooldown

@@ -58,12 +58,106 @@ def test_run_switches_to_qat_and_exports(dataset, tmp_path):
     assert len(mlx_lm.generate(model, tok, "the", max_tokens=5)) > 0
 
 
-def test_fused_and_fp_only_runs(dataset, tmp_path):
-    fused = train.run(micro(dataset, schedule="fused"), tmp_path / "fused", show_progress=False)
-    assert fused["schedule"] == "fused"
+def lrs(out: Path) -> dict:
+    return {r["step"]: r["lr"] for r in read_records(out) if "lr" in r}
+
+
+def read_records(out: Path) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_at_the_switch_fused_vs_separate(dataset, tmp_path):
+    """24 FP + 16 QAT steps, warmup 5%, cooldown 20% of each phase; step s trains at the LR of
+    its middle token."""
+    peak = 3e-3
+    train.run(micro(dataset, schedule="separate"), tmp_path / "separate", show_progress=False)
+    train.run(micro(dataset, schedule="fused"), tmp_path / "fused", show_progress=False)
+    separate, fused = lrs(tmp_path / "separate"), lrs(tmp_path / "fused")
+    # separate: the FP phase has cooled down (cooldown from step 19.2 to 24) and QAT re-warms over 0.8 steps
+    assert separate[24] == pytest.approx(peak * (1 - (23.5 - 19.2) / 4.8))
+    assert separate[25] == pytest.approx(peak * 0.5 / 0.8)
+    assert separate[26] == pytest.approx(peak)
+    # fused: no FP cooldown, QAT starts at the peak and decays linearly over its 16 steps
+    assert fused[20] == fused[24] == pytest.approx(peak)
+    assert fused[25] == pytest.approx(peak * (1 - 0.5 / 16))
+    assert fused[40] == pytest.approx(peak * (1 - 15.5 / 16))
+
+
+def test_fp_only_run(dataset, tmp_path):
     fp = train.run(micro(dataset, qat_fraction=0), tmp_path / "fp", show_progress=False)
     assert fp["B"] is None and fp["D_qat"] == 0
     assert fp["exported_val_loss"] == pytest.approx(fp["final_val_loss"], rel=1e-5)
+
+
+def test_forgetting_the_optimizer_state_trains_through_the_switch(dataset, tmp_path):
+    summary = train.run(micro(dataset, keep_optimizer_state=False), tmp_path / "run", show_progress=False)
+    assert summary["D_qat"] == 16 * 128 and np.isfinite(summary["final_val_loss"])
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 41))
+
+
+def test_init_from_a_snapshot_reproduces_the_uninterrupted_run(dataset, tmp_path):
+    fp_at, qat_at = 16 * 128, 30 * 128  # the switch is at step 24
+    cfg = micro(dataset, snapshot_at=[fp_at, qat_at])
+    train.run(cfg, tmp_path / "whole", show_progress=False)
+    whole = losses(tmp_path / "whole")
+    for tokens, step in ((fp_at, 16), (qat_at, 30)):
+        snapshot = tmp_path / "whole" / "snapshots" / str(tokens)
+        assert checkpoint.read_meta(snapshot)["phase"] == ("fp" if step < 24 else "qat")
+        out = tmp_path / f"branch{tokens}"
+        train.run(micro(dataset), out, init_from=snapshot, show_progress=False)
+        branch = losses(out)
+        assert sorted(branch) == list(range(1, 41))  # the snapshot's metrics, then its own
+        np.testing.assert_allclose([branch[s] for s in range(step + 1, 41)], [whole[s] for s in range(step + 1, 41)],
+                                   rtol=0, atol=1e-5)
+
+
+def test_a_snapshot_rebuilds_its_own_model(dataset, tmp_path):
+    train.run(micro(dataset, snapshot_at=[30 * 128]), tmp_path / "run", show_progress=False)
+    model, meta = checkpoint.load_model(tmp_path / "run" / "snapshots" / str(30 * 128))
+    assert meta["phase"] == "qat" and meta["tokens"] == 30 * 128
+    assert isinstance(model.model.layers[0].mlp.up_proj, QATLinear)
+    assert model.model.layers[0].mlp.up_proj.spec.bits == 2
+
+
+def test_init_from_refuses_what_it_cannot_continue(dataset, tmp_path):
+    train.run(micro(dataset, snapshot_at=[30 * 128]), tmp_path / "run", show_progress=False)
+    snapshot = tmp_path / "run" / "snapshots" / str(30 * 128)
+    with pytest.raises(train.TrainingError, match="another model"):
+        other = dict(MICRO_MODEL, intermediate_size=256)
+        train.run(micro(dataset, model=other), tmp_path / "a", init_from=snapshot, show_progress=False)
+    with pytest.raises(train.TrainingError, match="quantized differently"):
+        train.run(micro(dataset, bits=4), tmp_path / "b", init_from=snapshot, show_progress=False)
+    with pytest.raises(train.TrainingError, match="before this run's switch"):
+        train.run(micro(dataset, qat_fraction=0.1), tmp_path / "c", init_from=snapshot, show_progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
+        train.run(micro(dataset), tmp_path / "d", init_from=tmp_path / "run", show_progress=False)
+
+
+def test_resume_on_a_finished_run_changes_nothing(dataset, tmp_path):
+    first = train.run(micro(dataset), tmp_path / "run", show_progress=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    again = train.run(micro(dataset), tmp_path / "run", resume=True, show_progress=False)
+    assert again == first
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_what_it_cannot_resume(dataset, tmp_path):
+    with pytest.raises(train.TrainingError, match="does not exist"):
+        train.run(micro(dataset), tmp_path / "missing", resume=True, show_progress=False)
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    with pytest.raises(train.TrainingError, match="no checkpoint to resume from"):
+        train.run(micro(dataset), tmp_path / "early", resume=True, show_progress=False)
+    assert (tmp_path / "early" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+
+
+def test_resume_without_config_uses_the_runs_own(dataset, tmp_path, monkeypatch):
+    cfg = micro(dataset)
+    train.run(cfg, tmp_path / "whole", show_progress=False)
+    run_until_killed(cfg, tmp_path / "cut", monkeypatch, at_step=10)
+    train.main(["--out", str(tmp_path / "cut"), "--resume", "--no-progress"])
+    whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    np.testing.assert_allclose([cut[s] for s in range(11, 41)], [whole[s] for s in range(11, 41)], rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU allocator's cache limit")
@@ -96,9 +190,9 @@ def run_until_killed(cfg, out, monkeypatch, at_step=None):
     """Run until just after the checkpoint at `at_step` (the first one if None) is written."""
     save = checkpoint.save
 
-    def save_then_die(out, model, optimizer, meta):
-        save(out, model, optimizer, meta)
-        if at_step is None or meta["step"] == at_step:
+    def save_then_die(path, model, optimizer, meta, metrics=None):
+        save(path, model, optimizer, meta, metrics)
+        if path.name == checkpoint.NAME and (at_step is None or meta["step"] == at_step):
             raise Killed(model)
 
     monkeypatch.setattr(checkpoint, "save", save_then_die)
@@ -179,10 +273,13 @@ def test_readme_main_command_shortened(tmp_path):
     out = tmp_path / "tiny"
     result = subprocess.run(
         [sys.executable, "-m", "mlx_qat.train", "--config", "configs/tiny.yaml", "--out", str(out),
-         "--total-tokens", str(200 * 16 * 128), "--eval-every", "100", "--no-progress"],
+         "--total-tokens", str(200 * 16 * 128), "--eval-every", "100"],
         check=True, capture_output=True, text=True,
     )
-    assert "val loss, exported" in result.stdout
+    assert "val loss, exported" in result.stdout and str(out / "model") in result.stdout
+    # stderr is a pipe here: one plain progress line per report, no progress-bar redraws
+    assert "\r" not in result.stderr
+    assert sum(line.startswith("step ") for line in result.stderr.splitlines()) == 200 // 10
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exported_val_loss"] < 6.0  # well below ln(2048) = 7.6 of a uniform guess
     model, tok = mlx_lm.load(str(out / "model"))
