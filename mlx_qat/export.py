@@ -142,3 +142,37 @@ def bits_per_weight(model: nn.Module) -> float:
             stored += sum(v.nbytes for k, v in tree_flatten(m.parameters()) if k != "bias") * 8
             weights += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
     return stored / weights
+
+
+def main(argv=None) -> None:
+    """python -m mlx_qat.export --checkpoint PATH --out DIR: export any checkpoint or snapshot."""
+    import argparse
+    import sys
+
+    from . import checkpoint, config, data, train
+
+    parser = argparse.ArgumentParser(prog="python -m mlx_qat.export",
+                                     description="Export a run's checkpoint or snapshot as an mlx-lm model directory.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint/ or snapshots/<tokens>/")
+    parser.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    parser.add_argument("--scales-dtype", default="float32", choices=list(SCALES_DTYPES),
+                        help="dtype of the scales and biases: float32 is lossless (default)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's prepared data)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
+        model, meta = checkpoint.load_model(args.checkpoint)
+        tokenizer = args.tokenizer or train.load_data(config.TrainConfig(**meta["config"])).path
+        if meta["phase"] == "qat":
+            result = export(model, args.out, tokenizer, args.scales_dtype, overwrite=args.overwrite)
+        else:
+            result = export_fp(model, args.out, tokenizer, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError, checkpoint.CheckpointError, data.DataError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"{result} from {args.checkpoint} ({meta['phase']}, {meta['tokens']:,} tokens)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

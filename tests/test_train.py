@@ -214,6 +214,7 @@ def test_resume_in_the_qat_phase_matches_an_uninterrupted_run(dataset, tmp_path,
     np.testing.assert_allclose([cut[s] for s in range(31, 41)], [whole[s] for s in range(31, 41)], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_with_the_same_losses(dataset, tmp_path):
     """SIGKILL a real training process after its first checkpoint, then --resume it."""
     args = ["--data", str(dataset), "--model", json.dumps(MICRO_MODEL), "--total-tokens", str(300 * 128),
@@ -284,3 +285,24 @@ def test_readme_main_command_shortened(tmp_path):
     assert summary["exported_val_loss"] < 6.0  # well below ln(2048) = 7.6 of a uniform guess
     model, tok = mlx_lm.load(str(out / "model"))
     assert len(mlx_lm.generate(model, tok, "And God said", max_tokens=10)) > 0
+
+
+def test_export_command_on_a_snapshot(dataset, tmp_path, capsys):
+    """`python -m mlx_qat.export` turns a QAT snapshot into a model that mlx_lm loads and runs,
+    with the snapshot's own loss."""
+    from mlx_qat import export
+    from mlx_qat.evaluate import evaluate
+
+    cfg = micro(dataset, snapshot_at=[30 * 128])
+    train.run(cfg, tmp_path / "run", show_progress=False)
+    snapshot = tmp_path / "run" / "snapshots" / str(30 * 128)
+    export.main(["--checkpoint", str(snapshot), "--out", str(tmp_path / "model")])
+    assert f"{30 * 128:,} tokens" in capsys.readouterr().err
+    loaded, tok = mlx_lm.load(str(tmp_path / "model"))
+    qat, _ = checkpoint.load_model(snapshot)
+    batches = list(data.eval_batches(data.TokenData.load(dataset).val, 4, 32, 2))
+    assert evaluate(loaded, batches) == pytest.approx(evaluate(qat, batches), rel=1e-5)
+    assert len(mlx_lm.generate(loaded, tok, "the", max_tokens=5)) > 0
+    with pytest.raises(SystemExit) as e:  # no silent overwrite
+        export.main(["--checkpoint", str(snapshot), "--out", str(tmp_path / "model")])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err

@@ -1,0 +1,385 @@
+"""Sweeps: grids of training runs that share their full-precision prefixes, run resumably.
+
+    python -m mlx_qat.sweep --config configs/sweep_local.yaml --out sweeps/local [--dry-run] [--shard i/n]
+
+The sweep file names a base train config, overrides for every run, and a grid of train-config
+keys whose lists are crossed:
+
+    base: tiny.yaml            # path relative to the sweep file
+    set: {eval_batches: 8}     # optional
+    grid: {model: [tiny, small], total_tokens: [1_000_000, 4_000_000], bits: [1, 2, 4],
+           qat_fraction: [0.1, 0.25, 0.4, 0.6, 0.8], schedule: [separate, fused]}
+    fp_baselines: true         # also one FP-only run per (FP trajectory, total_tokens)
+
+Sharing: runs whose configs agree on every key that shapes the FP trajectory (model, data, seed,
+optimizer, warmup, batch shape, ...) share one FP *trunk*, trained once at the peak learning rate
+after a warmup of fixed tokens, with a snapshot wherever a run leaves it. A run leaves the trunk
+where its own schedule departs from the trunk's constant rate: at D_fp under `fused`, at the start
+of its FP cooldown under `separate` (and for an FP-only baseline), rounded down to a step. From
+its snapshot it trains on as an ordinary `--init-from` run, so each record's `config` given to
+`python -m mlx_qat.train` reproduces that run on its own.
+
+DIR receives trunks/, runs/, results.jsonl (one record per finished run, appended atomically)
+and sweep.json (the plan and what was measured). Rerunning the same command resumes: finished
+runs are neither redone nor duplicated, killed trunks and runs continue from their checkpoints.
+`--shard i/n` splits the trunks (with their runs) deterministically over n processes/machines;
+each shard writes results-i-of-n.jsonl, and `mlx_qat.fit DIR` reads them all.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from . import blas  # noqa: F401  (the fast BLAS, before mlx.core)
+
+import mlx.core as mx  # noqa: E402
+import yaml  # noqa: E402
+
+from . import atomic, checkpoint, config, model as models, train  # noqa: E402
+from .schedule import Schedule  # noqa: E402
+
+SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
+# Keys that change a run only after it leaves the FP trunk; every other key shapes the trunk.
+BRANCH_KEYS = {"total_tokens", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
+               "cooldown_tokens", "keep_optimizer_state", "export_scales", "snapshot_at"}
+SET_BY_SWEEP = {"snapshot_at"}
+
+
+class SweepError(ValueError):
+    """A sweep file or directory that cannot be used, with what to do about it."""
+
+
+@dataclass
+class Run:
+    name: str
+    cfg: config.TrainConfig
+    branch_tokens: int = 0  # where it leaves its trunk (0: trains from scratch)
+    trunk: Optional[str] = None
+
+
+@dataclass
+class Trunk:
+    name: str
+    cfg: config.TrainConfig  # FP only, constant rate after warmup, snapshots at its runs' branch points
+    runs: List[Run] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading and expanding
+
+
+def _value_name(value) -> str:
+    if isinstance(value, (dict, list)):
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+    return str(value)
+
+
+def read_sweep(path: Path) -> Tuple[dict, dict, bool]:
+    """(base values with `set` applied, grid, fp_baselines) from a sweep file, checked."""
+    path = Path(path)
+    if not path.exists():
+        raise SweepError(f"sweep file {path} does not exist")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise SweepError(f"{path} must be a YAML mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = set(doc) - set(SWEEP_KEYS)
+    if unknown:
+        raise SweepError(f"unknown sweep key(s) {', '.join(sorted(unknown))} in {path}; use {', '.join(SWEEP_KEYS)}")
+    if "base" not in doc or "grid" not in doc:
+        raise SweepError(f"{path} needs `base:` (a train config) and `grid:` (keys -> lists of values)")
+    base_path = path.parent / doc["base"]
+    if not base_path.exists():
+        raise SweepError(f"{path}: base config {base_path} does not exist")
+    base = yaml.safe_load(base_path.read_text()) or {}
+    overrides, grid = doc.get("set") or {}, doc["grid"]
+    for name, mapping in (("set", overrides), ("grid", grid), (str(base_path), base)):
+        if not isinstance(mapping, dict):
+            raise SweepError(f"{path}: `{name}` must be a mapping of train-config keys")
+        config.check_keys(mapping, f"{path} ({name})")
+    if SET_BY_SWEEP & set(overrides):
+        raise SweepError(f"{path}: {', '.join(SET_BY_SWEEP & set(overrides))} is set by the sweep itself; leave it out")
+    if not grid:
+        raise SweepError(f"{path}: the grid is empty; give at least one key with a list of values")
+    for key, values in grid.items():
+        if key in SET_BY_SWEEP:
+            raise SweepError(f"{path}: `{key}` is set by the sweep itself; leave it out")
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: grid.{key} must be a non-empty list of values")
+        if len({_value_name(v) for v in values}) != len(values):
+            raise SweepError(f"{path}: grid.{key} repeats a value")
+    fp_baselines = doc.get("fp_baselines", False)
+    if not isinstance(fp_baselines, bool):
+        raise SweepError(f"{path}: fp_baselines must be true or false")
+    return {**base, **overrides}, grid, fp_baselines
+
+
+def expand(base: dict, grid: dict, fp_baselines: bool) -> List[Run]:
+    """Every run of the grid (keys crossed in file order), then the FP baselines; checked as
+    train configs. Warmup is fixed in tokens so that runs can share their FP trunk."""
+    runs = []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        name = "_".join(f"{k}-{_value_name(v)}" for k, v in point.items())
+        runs.append(Run(name, _config({**base, **point}, name)))
+    if not runs:
+        return runs
+    shortest = min(r.cfg.total_tokens for r in runs)
+    for r in runs:  # a warmup given as a fraction becomes tokens: that of the shortest run
+        if r.cfg.warmup_tokens is None:
+            r.cfg = replace(r.cfg, warmup_tokens=round(r.cfg.warmup * shortest))
+    if fp_baselines:
+        seen = {}
+        for r in runs:
+            key = (trunk_key(r.cfg), r.cfg.total_tokens)
+            if key not in seen:
+                point = {k: getattr(r.cfg, k) for k in grid if k not in BRANCH_KEYS}
+                point["total_tokens"] = r.cfg.total_tokens
+                name = "fp_" + "_".join(f"{k}-{_value_name(v)}" for k, v in point.items())
+                seen[key] = Run(name, replace(r.cfg, qat_fraction=0.0))
+        runs += seen.values()
+    return runs
+
+
+def _config(values: dict, name: str) -> config.TrainConfig:
+    try:
+        return config.TrainConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise SweepError(f"run {name}: {e}") from e
+
+
+def trunk_key(cfg: config.TrainConfig) -> str:
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in BRANCH_KEYS}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def schedule_of(cfg: config.TrainConfig, plan: train.RunPlan) -> Schedule:
+    return Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
+                    cfg.warmup_tokens, cfg.cooldown_tokens)
+
+
+def branch_point(cfg: config.TrainConfig, plan: train.RunPlan) -> int:
+    """The last step boundary up to which the run's learning rates equal a constant-rate trunk's."""
+    schedule = schedule_of(cfg, plan)
+    if plan.qat_steps == 0:
+        leaves = plan.total_tokens - schedule.phase_cooldown(plan.total_tokens)
+    elif cfg.schedule == "fused":
+        leaves = plan.fp_tokens
+    else:
+        leaves = plan.fp_tokens - schedule.phase_cooldown(plan.fp_tokens)
+    return int(leaves // plan.tokens_per_step) * plan.tokens_per_step
+
+
+def attach_trunks(runs: List[Run], n_params: Dict[str, int]) -> List[Trunk]:
+    """Group the runs by FP trajectory and give each group its trunk (runs that leave at
+    token 0 train alone)."""
+    trunks: Dict[str, Trunk] = {}
+    for r in runs:
+        key = trunk_key(r.cfg)
+        r.branch_tokens = branch_point(r.cfg, train.plan_run(r.cfg, n_params[key]))
+        if r.branch_tokens == 0:
+            continue
+        if key not in trunks:
+            model = r.cfg.model if isinstance(r.cfg.model, str) else _value_name(r.cfg.model)
+            trunks[key] = Trunk(f"trunk_model-{model}_{key}", r.cfg)
+        r.trunk = trunks[key].name
+        trunks[key].runs.append(r)
+    for t in trunks.values():
+        points = sorted({r.branch_tokens for r in t.runs})
+        t.cfg = replace(t.cfg, qat_fraction=0.0, cooldown_tokens=0, total_tokens=points[-1], snapshot_at=points)
+    return list(trunks.values())
+
+
+def shard(trunks: List[Trunk], alone: List[Run], index: int, count: int) -> Tuple[List[Trunk], List[Run]]:
+    """Shard `index` of `count`: whole trunks (with their runs) and lone runs dealt out by
+    tokens, largest first, each to the least loaded shard — deterministic and disjoint."""
+    units = [(tokens_of(t), t.name, t) for t in trunks] + [(r.cfg.total_tokens, r.name, r) for r in alone]
+    loads, mine = [0] * count, []
+    for tokens, _, unit in sorted(units, key=lambda u: (-u[0], u[1])):
+        i = loads.index(min(loads))
+        loads[i] += tokens
+        if i == index:
+            mine.append(unit)
+    return [u for u in mine if isinstance(u, Trunk)], [u for u in mine if isinstance(u, Run)]
+
+
+def tokens_of(t: Trunk) -> int:
+    """Tokens to train for a trunk and its runs."""
+    return t.cfg.total_tokens + sum(r.cfg.total_tokens - r.branch_tokens for r in t.runs)
+
+
+# ---------------------------------------------------------------- the sweep directory
+
+
+class Sweep:
+    def __init__(self, path: Path, out: Path, shard_spec: Tuple[int, int] = (0, 1)):
+        self.out, (self.index, self.count) = Path(out), shard_spec
+        base, grid, fp_baselines = read_sweep(path)
+        runs = expand(base, grid, fp_baselines)
+        names = [r.name for r in runs]
+        if len(set(names)) != len(names):
+            raise SweepError(f"{path}: two runs of the grid have the same name")
+        self.n_params = {trunk_key(r.cfg): count_params(r.cfg) for r in runs}
+        trunks = attach_trunks(runs, self.n_params)
+        alone = [r for r in runs if r.trunk is None]
+        self.all_runs = runs
+        self.trunks, self.alone = shard(trunks, alone, self.index, self.count)
+        suffix = "" if self.count == 1 else f"-{self.index}-of-{self.count}"
+        self.results_path = self.out / f"results{suffix}.jsonl"
+        self.summary_path = self.out / f"sweep{suffix}.json"
+
+    @property
+    def runs(self) -> List[Run]:
+        return [r for t in self.trunks for r in t.runs] + self.alone
+
+    def finished(self) -> Dict[str, dict]:
+        if not self.results_path.exists():
+            return {}
+        records = [json.loads(line) for line in self.results_path.read_text().splitlines() if line.strip()]
+        return {r["name"]: r for r in records}
+
+    def figures(self) -> dict:
+        runs = self.runs
+        return dict(
+            runs_total=len(runs),
+            trunks=len(self.trunks),
+            branch_points=sum(len(t.cfg.snapshot_at) for t in self.trunks),
+            tokens_trained=sum(tokens_of(t) for t in self.trunks) + sum(r.cfg.total_tokens for r in self.alone),
+            tokens_independent=sum(r.cfg.total_tokens for r in runs),
+        )
+
+
+def count_params(cfg: config.TrainConfig) -> int:
+    """N of the run's model; the vocabulary comes from its (prepared, cached) data."""
+    dataset = train.load_data(cfg)
+    return models.num_params(models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed))
+
+
+def measure_rate(cfg: config.TrainConfig, steps: int = 3) -> float:
+    """Training tokens per second of a config, from a few compiled steps after a warm-up one."""
+    dataset = train.load_data(cfg)
+    state = train.setup(cfg, dataset)
+    batch = lambda k: mx.array(train.data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, k))  # noqa: E731
+    mx.eval(state.step_fn(batch(0)))
+    start = time.perf_counter()
+    for k in range(1, steps + 1):
+        mx.eval(state.step_fn(batch(k)))
+    return steps * cfg.tokens_per_step / (time.perf_counter() - start)
+
+
+def versions() -> dict:
+    return {name: metadata.version(name) for name in ("mlx_qat", "mlx", "mlx-lm")}
+
+
+def result_record(run: Run, summary: dict) -> dict:
+    keys = ("N", "D_fp", "D_qat", "B", "group_size", "schedule", "qat_fraction", "S_total", "final_val_loss",
+            "fp_val_loss", "exported_val_loss", "tokens_per_s")
+    return {"name": run.name, **{k: summary[k] for k in keys}, "wall_seconds": summary["train_seconds"],
+            "branch_tokens": run.branch_tokens, "trunk": run.trunk, "versions": versions(), "config": run.cfg.to_dict()}
+
+
+def train_dir(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = None) -> dict:
+    """Train `cfg` in `out` to the end, resuming what a killed sweep left there."""
+    if (out / train.SUMMARY).exists():
+        return json.loads((out / train.SUMMARY).read_text())
+    if checkpoint.find(out) is not None:
+        return train.run(cfg, out, resume=True)
+    shutil.rmtree(out, ignore_errors=True)  # stopped before its first checkpoint: nothing to keep
+    return train.run(cfg, out, init_from=init_from)
+
+
+def run_sweep(sweep: Sweep) -> dict:
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(sweep.summary_path.read_text()) if sweep.summary_path.exists() else {}
+    started = time.perf_counter()
+    done = sweep.finished()
+
+    def record(run: Run, summary: dict) -> None:
+        if run.name not in done:
+            done[run.name] = result_record(run, summary)
+            atomic.append_line(sweep.results_path, json.dumps(done[run.name]))
+
+    for trunk in sweep.trunks:
+        todo = [r for r in trunk.runs if r.name not in done]
+        if not todo:
+            continue
+        trunk_dir = sweep.out / "trunks" / trunk.name
+        print(f"trunk {trunk.name}: {trunk.cfg.total_tokens:,} tokens, {len(todo)} runs to branch", file=sys.stderr)
+        train_dir(trunk.cfg, trunk_dir)
+        for r in todo:
+            print(f"run {r.name} (from {r.branch_tokens:,} tokens)", file=sys.stderr)
+            record(r, train_dir(r.cfg, sweep.out / "runs" / r.name, checkpoint.snapshot_path(trunk_dir, r.branch_tokens)))
+    for r in sweep.alone:
+        if r.name not in done:
+            print(f"run {r.name} (from scratch)", file=sys.stderr)
+            record(r, train_dir(r.cfg, sweep.out / "runs" / r.name))
+
+    figures = {**sweep.figures(), "runs_finished": sum(r.name in done for r in sweep.runs),
+               "wall_seconds": previous.get("wall_seconds", 0.0) + time.perf_counter() - started,
+               "shard": f"{sweep.index}/{sweep.count}"}
+    atomic.write_text(sweep.summary_path, json.dumps(figures, indent=2))
+    return figures
+
+
+# ---------------------------------------------------------------- the command
+
+
+def format_plan(sweep: Sweep, rates: Dict[str, float]) -> str:
+    f = sweep.figures()
+    lines = [f"{f['runs_total']} runs ({len(sweep.all_runs)} in the whole sweep), {f['trunks']} FP trunks, "
+             f"{f['branch_points']} branch points"]
+    for t in sweep.trunks:
+        points = ", ".join(f"{p:,}" for p in t.cfg.snapshot_at)
+        lines.append(f"  {t.name}: {t.cfg.total_tokens:,} tokens, {len(t.runs)} runs branch at {points}")
+    saved = 1 - f["tokens_trained"] / f["tokens_independent"] if f["tokens_independent"] else 0
+    lines.append(f"tokens to train {f['tokens_trained']:,} vs {f['tokens_independent']:,} as independent runs "
+                 f"({saved:.0%} saved)")
+    if rates:
+        seconds = sum(tokens_of(t) / rates[trunk_key(t.cfg)] for t in sweep.trunks)
+        seconds += sum(r.cfg.total_tokens / rates[trunk_key(r.cfg)] for r in sweep.alone)
+        lines.append(f"ETA {seconds / 3600:.2f} h of training at "
+                     + ", ".join(f"{v:,.0f}" for v in rates.values()) + " tokens/s (measured, per trunk config)")
+    return "\n".join(lines)
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    try:
+        i, n = map(int, text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: use i/n, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlx_qat.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="sweep YAML file")
+    parser.add_argument("--out", type=Path, required=True, help="sweep directory (rerun to resume)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its measured ETA, train nothing")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="run shard i of n (whole trunks per shard)")
+    args = parser.parse_args(argv)
+    try:
+        sweep = Sweep(args.config, args.out, args.shard)
+        configs = {trunk_key(r.cfg): r.cfg for r in sweep.runs}
+        rates = {k: measure_rate(replace(c, qat_fraction=0.0)) for k, c in configs.items()}
+        print(format_plan(sweep, rates))
+        if args.dry_run:
+            return
+        figures = run_sweep(sweep)
+    except (SweepError, ValueError, FileNotFoundError, train.TrainingError, checkpoint.CheckpointError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"finished {figures['runs_finished']}/{figures['runs_total']} runs; trained {figures['tokens_trained']:,} "
+          f"tokens vs {figures['tokens_independent']:,} independently; {figures['wall_seconds'] / 3600:.2f} h; "
+          f"results in {sweep.results_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Sweeps: grid expansion, trunks and branch points, sharding, resume, and records that an
+independent run reproduces."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import random_text
+from mlx_qat import checkpoint, config, data, sweep, train
+
+MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_data")
+    (root / "text.txt").write_text("\n\n".join(random_text(3000, seed=5)))
+    data.prepare([str(root / "text.txt")], 384, root / "prepared")
+    return root / "prepared"
+
+
+def write_sweep(tmp_path, dataset, grid, fp_baselines=True, **base):
+    values = dict(data=str(dataset), model=MICRO_MODEL, total_tokens=40 * 128, batch_size=4, seq_len=32, bits=2,
+                  group_size=32, warmup_tokens=4 * 128, report_every=5, eval_every=100, eval_batches=2,
+                  checkpoint_every=10, learning_rate=3e-3)
+    values.update(base)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(values))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "set": {"eval_batches": 2}, "grid": grid, "fp_baselines": fp_baselines}, sort_keys=False))
+    return path
+
+
+GRID = {"total_tokens": [40 * 128, 60 * 128], "qat_fraction": [0.25, 0.5], "schedule": ["separate", "fused"]}
+
+
+def planned(path):
+    base, grid, fp = sweep.read_sweep(path)
+    runs = sweep.expand(base, grid, fp)
+    trunks = sweep.attach_trunks(runs, {sweep.trunk_key(r.cfg): 100_000 for r in runs})
+    return runs, trunks
+
+
+def test_grid_expansion_branch_points_and_trunks(dataset, tmp_path):
+    runs, trunks = planned(write_sweep(tmp_path, dataset, GRID))
+    assert len(runs) == 8 + 2  # the crossed grid, then one FP baseline per total_tokens
+    assert [r.name for r in runs][:2] == ["total_tokens-5120_qat_fraction-0.25_schedule-separate",
+                                          "total_tokens-5120_qat_fraction-0.25_schedule-fused"]
+    assert len(trunks) == 1 and len(trunks[0].runs) == 10  # total_tokens, fraction and schedule branch off
+    by_name = {r.name: r for r in runs}
+    # fused leaves the trunk at D_fp (30 of 40 steps); separate at its FP cooldown's start
+    # (20% of 30 steps = 6 steps, so step 24); an FP baseline at its own cooldown (40 - 8 = 32)
+    assert by_name["total_tokens-5120_qat_fraction-0.25_schedule-fused"].branch_tokens == 30 * 128
+    assert by_name["total_tokens-5120_qat_fraction-0.25_schedule-separate"].branch_tokens == 24 * 128
+    assert by_name["fp_total_tokens-5120"].branch_tokens == 32 * 128
+    assert trunks[0].cfg.total_tokens == max(r.branch_tokens for r in runs)
+    assert trunks[0].cfg.snapshot_at == sorted({r.branch_tokens for r in runs})
+    assert trunks[0].cfg.qat_fraction == 0 and trunks[0].cfg.cooldown_tokens == 0
+
+
+def test_a_warmup_fraction_becomes_the_same_tokens_for_every_run(dataset, tmp_path):
+    runs, _ = planned(write_sweep(tmp_path, dataset, GRID, warmup_tokens=None, warmup=0.1))
+    assert {r.cfg.warmup_tokens for r in runs} == {512}  # 10% of the shortest run's 5,120 tokens
+
+
+def test_sharding_is_deterministic_disjoint_and_keeps_trunks_whole(dataset, tmp_path):
+    grid = {**GRID, "seed": [0, 1, 2]}  # three trunks
+    runs, trunks = planned(write_sweep(tmp_path, dataset, grid))
+    assert len(trunks) == 3
+    shards = [sweep.shard(trunks, [], i, 2) for i in range(2)]
+    assert shards == [sweep.shard(trunks, [], i, 2) for i in range(2)]
+    names = [t.name for ts, _ in shards for t in ts]
+    assert sorted(names) == sorted(t.name for t in trunks) and len(set(names)) == 3
+    assert all(ts for ts, _ in shards)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"base": "base.yaml", "grid": {"bits": [2]}, "gird": {}}, "unknown sweep key"),
+    ({"grid": {"bits": [2]}}, "needs `base:`"),
+    ({"base": "missing.yaml", "grid": {"bits": [2]}}, "does not exist"),
+    ({"base": "base.yaml", "grid": {"bits": []}}, "grid.bits must be a non-empty list"),
+    ({"base": "base.yaml", "grid": {"bits": 2}}, "grid.bits must be a non-empty list"),
+    ({"base": "base.yaml", "grid": {"bitz": [2]}}, "did you mean 'bits'"),
+    ({"base": "base.yaml", "grid": {"bits": [2, 7]}}, "run bits-7: bits=7"),
+    ({"base": "base.yaml", "grid": {"snapshot_at": [[512]]}}, "set by the sweep"),
+    ({"base": "base.yaml", "grid": {}}, "the grid is empty"),
+    ({"base": "base.yaml", "grid": {"bits": [2, 2]}}, "repeats a value"),
+])
+def test_bad_sweep_files_are_clear_errors(dataset, tmp_path, doc, message):
+    write_sweep(tmp_path, dataset, {"bits": [2]})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=message):
+        base, grid, fp = sweep.read_sweep(tmp_path / "bad.yaml")
+        sweep.expand(base, grid, fp)
+
+
+def test_cli_rejects_a_bad_file_before_training(dataset, tmp_path, capsys):
+    write_sweep(tmp_path, dataset, {"bits": [2]})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"qat_fraction": [0.5, 2]}}))
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "qat_fraction=2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+SMALL_GRID = {"qat_fraction": [0.25, 0.5], "schedule": ["separate", "fused"]}
+
+
+def records(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_sweep_record_equals_an_independent_run(dataset, tmp_path):
+    path = write_sweep(tmp_path, dataset, SMALL_GRID)
+    figures = sweep.run_sweep(sweep.Sweep(path, tmp_path / "out"))
+    assert figures["runs_finished"] == figures["runs_total"] == 5
+    assert figures["tokens_trained"] < figures["tokens_independent"]
+    results = {r["name"]: r for r in records(tmp_path / "out" / "results.jsonl")}
+    assert len(results) == 5 and results["fp_total_tokens-5120"]["B"] is None
+    for name in ("qat_fraction-0.5_schedule-separate", "qat_fraction-0.25_schedule-fused"):
+        record = results[name]
+        assert record["branch_tokens"] > 0 and record["fp_val_loss"] is not None
+        alone = train.run(config.TrainConfig(**record["config"]), tmp_path / name, show_progress=False)
+        assert alone["final_val_loss"] == pytest.approx(record["final_val_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_with_exactly_the_right_records(dataset, tmp_path, monkeypatch):
+    path = write_sweep(tmp_path, dataset, SMALL_GRID)
+    out = tmp_path / "out"
+
+    class Killed(Exception):
+        pass
+
+    def kill_when(predicate, target, name):
+        original = getattr(target, name)
+
+        def wrapper(*args, **kwargs):
+            if predicate(*args):
+                raise Killed()
+            return original(*args, **kwargs)
+        monkeypatch.setattr(target, name, wrapper)
+        return original
+
+    # 1. during the trunk: at its second checkpoint
+    save = kill_when(lambda p, *a: "trunks" in str(p) and p.name == checkpoint.NAME and a[2]["step"] == 20,
+                     checkpoint, "save")
+    with pytest.raises(Killed):
+        sweep.run_sweep(sweep.Sweep(path, out))
+    monkeypatch.setattr(checkpoint, "save", save)
+    # 2. during a branch: the third run's first checkpoint
+    save = kill_when(lambda p, *a: "runs" in str(p) and len(list((out / "runs").iterdir())) == 3, checkpoint, "save")
+    with pytest.raises(Killed):
+        sweep.run_sweep(sweep.Sweep(path, out))
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert len(records(out / "results.jsonl")) == 2
+    # 3. during an append: the fourth record
+    append = kill_when(lambda p, line: len(records(p)) == 3, sweep.atomic, "append_line")
+    with pytest.raises(Killed):
+        sweep.run_sweep(sweep.Sweep(path, out))
+    monkeypatch.setattr(sweep.atomic, "append_line", append)
+    assert len(records(out / "results.jsonl")) == 3
+
+    figures = sweep.run_sweep(sweep.Sweep(path, out))
+    names = [r["name"] for r in records(out / "results.jsonl")]
+    assert sorted(names) == sorted(r.name for r in sweep.Sweep(path, out).runs) and len(names) == 5
+    assert figures["runs_finished"] == 5
+    again = sweep.run_sweep(sweep.Sweep(path, out))  # nothing left to do, nothing duplicated
+    assert [r["name"] for r in records(out / "results.jsonl")] == names and again["runs_finished"] == 5
