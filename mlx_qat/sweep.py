@@ -11,6 +11,9 @@ keys whose lists are crossed:
            qat_fraction: [0.1, 0.25, 0.4, 0.6, 0.8], schedule: [separate, fused]}
     fp_baselines: true         # also one FP-only run per (FP trajectory, total_tokens)
 
+`grid` may also be a list of such mappings: the sweep is the union of their crossings (e.g. both
+schedules at one model size, one schedule at the others).
+
 Sharing: runs whose configs agree on every key that shapes the FP trajectory (model, data, seed,
 optimizer, warmup, batch shape, ...) share one FP *trunk*, trained once at the peak learning rate
 after a warmup of fixed tokens, with a snapshot wherever a run leaves it. A run leaves the trunk
@@ -81,8 +84,8 @@ def _value_name(value) -> str:
     return str(value)
 
 
-def read_sweep(path: Path) -> Tuple[dict, dict, bool]:
-    """(base values with `set` applied, grid, fp_baselines) from a sweep file, checked."""
+def read_sweep(path: Path) -> Tuple[dict, List[dict], bool]:
+    """(base values with `set` applied, grids, fp_baselines) from a sweep file, checked."""
     path = Path(path)
     if not path.exists():
         raise SweepError(f"sweep file {path} does not exist")
@@ -98,13 +101,23 @@ def read_sweep(path: Path) -> Tuple[dict, dict, bool]:
     if not base_path.exists():
         raise SweepError(f"{path}: base config {base_path} does not exist")
     base = yaml.safe_load(base_path.read_text()) or {}
-    overrides, grid = doc.get("set") or {}, doc["grid"]
-    for name, mapping in (("set", overrides), ("grid", grid), (str(base_path), base)):
+    overrides = doc.get("set") or {}
+    grids = doc["grid"] if isinstance(doc["grid"], list) else [doc["grid"]]
+    for name, mapping in [("set", overrides), (str(base_path), base)] + [("grid", g) for g in grids]:
         if not isinstance(mapping, dict):
             raise SweepError(f"{path}: `{name}` must be a mapping of train-config keys")
         config.check_keys(mapping, f"{path} ({name})")
     if SET_BY_SWEEP & set(overrides):
         raise SweepError(f"{path}: {', '.join(SET_BY_SWEEP & set(overrides))} is set by the sweep itself; leave it out")
+    for grid in grids:
+        _check_grid(grid, path)
+    fp_baselines = doc.get("fp_baselines", False)
+    if not isinstance(fp_baselines, bool):
+        raise SweepError(f"{path}: fp_baselines must be true or false")
+    return {**base, **overrides}, grids, fp_baselines
+
+
+def _check_grid(grid: dict, path: Path) -> None:
     if not grid:
         raise SweepError(f"{path}: the grid is empty; give at least one key with a list of values")
     for key, values in grid.items():
@@ -114,33 +127,29 @@ def read_sweep(path: Path) -> Tuple[dict, dict, bool]:
             raise SweepError(f"{path}: grid.{key} must be a non-empty list of values")
         if len({_value_name(v) for v in values}) != len(values):
             raise SweepError(f"{path}: grid.{key} repeats a value")
-    fp_baselines = doc.get("fp_baselines", False)
-    if not isinstance(fp_baselines, bool):
-        raise SweepError(f"{path}: fp_baselines must be true or false")
-    return {**base, **overrides}, grid, fp_baselines
 
 
-def expand(base: dict, grid: dict, fp_baselines: bool) -> List[Run]:
-    """Every run of the grid (keys crossed in file order), then the FP baselines; checked as
-    train configs. Warmup is fixed in tokens so that runs can share their FP trunk."""
+def expand(base: dict, grids: List[dict], fp_baselines: bool) -> List[Run]:
+    """Every run of each grid (keys crossed in file order; a list of grids is their union),
+    then the FP baselines; checked as train configs. Warmup is fixed in tokens so that runs
+    can share their FP trunk."""
     runs = []
-    for values in itertools.product(*grid.values()):
-        point = dict(zip(grid, values))
-        name = "_".join(f"{k}-{_value_name(v)}" for k, v in point.items())
-        runs.append(Run(name, _config({**base, **point}, name)))
-    if not runs:
-        return runs
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            name = "_".join(f"{k}-{_value_name(v)}" for k, v in point.items())
+            runs.append(Run(name, _config({**base, **point}, name)))
     shortest = min(r.cfg.total_tokens for r in runs)
     for r in runs:  # a warmup given as a fraction becomes tokens: that of the shortest run
         if r.cfg.warmup_tokens is None:
             r.cfg = replace(r.cfg, warmup_tokens=round(r.cfg.warmup * shortest))
     if fp_baselines:
+        keys = list(dict.fromkeys(k for grid in grids for k in grid if k not in BRANCH_KEYS))
         seen = {}
         for r in runs:
             key = (trunk_key(r.cfg), r.cfg.total_tokens)
             if key not in seen:
-                point = {k: getattr(r.cfg, k) for k in grid if k not in BRANCH_KEYS}
-                point["total_tokens"] = r.cfg.total_tokens
+                point = {**{k: getattr(r.cfg, k) for k in keys}, "total_tokens": r.cfg.total_tokens}
                 name = "fp_" + "_".join(f"{k}-{_value_name(v)}" for k, v in point.items())
                 seen[key] = Run(name, replace(r.cfg, qat_fraction=0.0))
         runs += seen.values()
@@ -220,8 +229,8 @@ def tokens_of(t: Trunk) -> int:
 class Sweep:
     def __init__(self, path: Path, out: Path, shard_spec: Tuple[int, int] = (0, 1)):
         self.out, (self.index, self.count) = Path(out), shard_spec
-        base, grid, fp_baselines = read_sweep(path)
-        runs = expand(base, grid, fp_baselines)
+        base, grids, fp_baselines = read_sweep(path)
+        runs = expand(base, grids, fp_baselines)
         names = [r.name for r in runs]
         if len(set(names)) != len(names):
             raise SweepError(f"{path}: two runs of the grid have the same name")
@@ -305,7 +314,7 @@ def run_sweep(sweep: Sweep) -> dict:
             done[run.name] = result_record(run, summary)
             atomic.append_line(sweep.results_path, json.dumps(done[run.name]))
 
-    for trunk in sweep.trunks:
+    for trunk in sorted(sweep.trunks, key=tokens_of):  # the cheapest first: early results to fit
         todo = [r for r in trunk.runs if r.name not in done]
         if not todo:
             continue
