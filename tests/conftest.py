@@ -23,3 +23,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     model = tokenizer.train(random_text(4000), 512, out)
     tokenizer.save_hf(model, out)
     return out
+
+
+MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+@pytest.fixture(scope="package")
+def dataset(tmp_path_factory) -> Path:
+    """A prepared dataset of random text (vocab 384) for micro training runs."""
+    from mlx_qat import data
+
+    root = tmp_path_factory.mktemp("train_data")
+    (root / "text.txt").write_text("\n\n".join(random_text(3000, seed=2)))
+    data.prepare([str(root / "text.txt")], 384, root / "prepared")
+    return root / "prepared"

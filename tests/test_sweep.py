@@ -8,19 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import random_text
+from conftest import MICRO_MODEL
 from mlx_qat import checkpoint, config, data, sweep, train
-
-MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep_data")
-    (root / "text.txt").write_text("\n\n".join(random_text(3000, seed=5)))
-    data.prepare([str(root / "text.txt")], 384, root / "prepared")
-    return root / "prepared"
-
 
 def write_sweep(tmp_path, dataset, grid, fp_baselines=True, **base):
     values = dict(data=str(dataset), model=MICRO_MODEL, total_tokens=40 * 128, batch_size=4, seq_len=32, bits=2,

@@ -14,20 +14,9 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from conftest import random_text
+from conftest import MICRO_MODEL
 from mlx_qat import checkpoint, config, data, train
 from mlx_qat.layers import QATLinear
-
-MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    (root / "text.txt").write_text("\n\n".join(random_text(3000, seed=2)))
-    data.prepare([str(root / "text.txt")], 384, root / "prepared")
-    return root / "prepared"
-
 
 def micro(dataset, **overrides):
     values = dict(data=str(dataset), model=MICRO_MODEL, total_tokens=40 * 4 * 32, batch_size=4, seq_len=32,
