@@ -1,6 +1,7 @@
 """Everything a run does besides training, in one place: metrics, progress, the cadence of
 validation, checkpoints and snapshots, and the NaN guard. The training loop calls `after_step`
-and knows nothing else, so a multi-process run has one place to let only rank 0 write."""
+and knows nothing else. In a multi-process run every rank validates (a collective) and checks
+the loss (already reduced), and only the writer (rank 0) records, shows or saves anything."""
 
 import math
 import sys
@@ -46,10 +47,11 @@ class Progress:
 
 
 class Monitor:
-    def __init__(self, out: Path, cfg, plan, validate: Callable[[object], float], start_step: int, show_progress: bool):
-        self.out, self.cfg, self.plan, self.validate = Path(out), cfg, plan, validate
+    def __init__(self, out: Path, cfg, plan, validate: Callable[[object], float], start_step: int, show_progress: bool,
+                 writer: bool = True):
+        self.out, self.cfg, self.plan, self.validate, self.writer = Path(out), cfg, plan, validate, writer
         self.metrics = report.Metrics(self.out / "metrics.jsonl")
-        self.progress = Progress(plan.total_steps, start_step, show_progress)
+        self.progress = Progress(plan.total_steps, start_step, show_progress and writer)
         self.last_good = start_step
         self.window_start, self.window_tokens = time.perf_counter(), 0
 
@@ -69,7 +71,7 @@ class Monitor:
                           tokens_per_s=self.window_tokens / elapsed)
             if done % cfg.eval_every == 0 and done != plan.total_steps:
                 record["val_loss"] = self.validate(state.model)
-            self.metrics.log(**record)
+            self.log(**record)
             self.progress.report(record)
             self.window_start, self.window_tokens = time.perf_counter(), 0
         if snapshot_now:
@@ -79,11 +81,17 @@ class Monitor:
             self.last_good = done
         self.progress.step()
 
+    def log(self, **record) -> None:
+        if self.writer:
+            self.metrics.log(**record)
+
     def end_of_phase(self, state, val_loss: float) -> None:
-        self.metrics.log(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
+        self.log(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
                          val_loss=val_loss, event=f"end_{state.phase}")
 
     def save(self, state, path: Path) -> None:
+        if not self.writer:
+            return
         meta = dict(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
                     config=self.cfg.to_dict())
         checkpoint.save(path, state.model, state.optimizer, meta, self.metrics.path)

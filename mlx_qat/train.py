@@ -34,7 +34,7 @@ import mlx.optimizers as optim  # noqa: E402
 import mlx_lm  # noqa: E402
 import yaml  # noqa: E402
 
-from . import atomic, checkpoint, config, data, export, law, model as models, report  # noqa: E402
+from . import atomic, checkpoint, config, data, distributed, export, law, model as models, report  # noqa: E402
 from .evaluate import evaluate, loss_fn  # noqa: E402
 from .layers import is_learned_scale, quant_specs, to_qat  # noqa: E402
 from .monitor import Monitor, TrainingError  # noqa: E402
@@ -128,16 +128,21 @@ def keep_freed_buffers() -> None:
         mx.set_cache_limit(max(mx.get_memory_limit() // 4, 32 << 20))
 
 
-def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float) -> Callable:
-    """One compiled step: forward, backward, clip, AdamW update. Rebuilt by `switch_to_qat`,
+def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, group=None) -> Callable:
+    """One compiled step: forward, backward, gradients averaged over the ranks (if several),
+    clip, AdamW update; it returns the loss of the global batch. Rebuilt by `switch_to_qat`,
     when the model's layers (and so its state) change."""
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
+    ranks = 1 if group is None else group.size()
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch):
         loss, grads = loss_and_grad(model, batch)
+        if ranks > 1:
+            grads = nn.average_gradients(grads, group)
+            loss = mx.distributed.all_sum(loss, group=group, stream=mx.cpu) / ranks
         if grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, grad_clip)
         optimizer.update(model, grads)
@@ -146,7 +151,8 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: flo
     return step
 
 
-def switch_to_qat(model: nn.Module, optimizer: optim.MultiOptimizer, cfg: config.TrainConfig, specs=None) -> Callable:
+def switch_to_qat(model: nn.Module, optimizer: optim.MultiOptimizer, cfg: config.TrainConfig, specs=None,
+                  group=None) -> Callable:
     """The one FP -> QAT moment, wherever a model enters its QAT form (at D_fp, at step 0, or
     to restore a QAT checkpoint): swap in QAT layers (α from the weights the model holds now;
     `specs` default to the config's policy), optionally forget the weights' Adam state, and
@@ -155,7 +161,7 @@ def switch_to_qat(model: nn.Module, optimizer: optim.MultiOptimizer, cfg: config
     if not cfg.keep_optimizer_state:  # keep the step count and learning rate, drop the moments
         for sub in optimizer.optimizers:
             sub.state = {k: v for k, v in sub.state.items() if k in ("step", "learning_rate")}
-    return make_train_step(model, optimizer, cfg.grad_clip)
+    return make_train_step(model, optimizer, cfg.grad_clip, group)
 
 
 @dataclass
@@ -168,17 +174,18 @@ class RunState:
     model: nn.Module
     optimizer: optim.MultiOptimizer
     step_fn: Callable
+    group: Optional[mx.distributed.Group] = None
     step: int = 0
     phase: str = "fp"
 
 
-def setup(cfg: config.TrainConfig, dataset: data.TokenData) -> RunState:
+def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None) -> RunState:
     model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
     plan = plan_run(cfg, models.num_params(model))
     schedule = Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
                         cfg.warmup_tokens, cfg.cooldown_tokens)
     optimizer = make_optimizer(cfg)
-    return RunState(cfg, plan, schedule, model, optimizer, make_train_step(model, optimizer, cfg.grad_clip))
+    return RunState(cfg, plan, schedule, model, optimizer, make_train_step(model, optimizer, cfg.grad_clip, group), group)
 
 
 # ---------------------------------------------------------------- where a run starts
@@ -187,12 +194,14 @@ def setup(cfg: config.TrainConfig, dataset: data.TokenData) -> RunState:
 RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at"}
 
 
-def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: Optional[Path]) -> Optional[Path]:
-    """The checkpoint this run starts from (None: from scratch), once `out` is known to fit."""
+def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: Optional[Path],
+                   writer: bool = True) -> Optional[Path]:
+    """The checkpoint this run starts from (None: from scratch), once `out` is known to fit.
+    Only the writer (rank 0) checks that a new run's `out` is free: it is the one that fills it."""
     if resume and init_from is not None:
         raise TrainingError("--resume continues a run and --init-from starts a new one: pass one of them")
     if not resume:
-        if out.exists() and any(out.iterdir()):
+        if writer and out.exists() and any(out.iterdir()):
             raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
         if init_from is not None:
             checkpoint.read_meta(init_from)  # it must be a checkpoint or snapshot
@@ -239,12 +248,13 @@ def start_from(state: RunState, path: Path, out: Path) -> None:
     meta = checkpoint.read_meta(path)
     step = check_branch(state, meta, path)
     if meta["phase"] == "qat":
-        state.step_fn = switch_to_qat(state.model, state.optimizer, state.cfg, checkpoint.specs(meta))
+        state.step_fn = switch_to_qat(state.model, state.optimizer, state.cfg, checkpoint.specs(meta), state.group)
         state.phase = "qat"
     checkpoint.restore(path, state.model, state.optimizer)
     state.step = step
     metrics = path / "metrics.jsonl"
-    atomic.write_text(out / "metrics.jsonl", metrics.read_text() if metrics.exists() else "")
+    if state.group is None or distributed.is_writer(state.group):
+        atomic.write_text(out / "metrics.jsonl", metrics.read_text() if metrics.exists() else "")
 
 
 # ---------------------------------------------------------------- the run
@@ -256,23 +266,28 @@ def train_range(state: RunState, end: int, dataset: data.TokenData, monitor: Mon
     for step in range(state.step, end):
         lr = state.schedule((step + 0.5) * tokens_per_step)  # the LR at the middle of this step
         state.optimizer.learning_rate = lr
-        loss = state.step_fn(mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)))
+        batch = data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        loss = state.step_fn(mx.array(batch if state.group is None else distributed.rows(batch, state.group)))
         mx.async_eval(loss, state.model.state, state.optimizer.state)  # compute while the next batch is read
         state.step = step + 1
         monitor.after_step(state, loss, lr)
 
 
-def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor, validate, train_seconds: float) -> dict:
-    """Final validation, export, the export's validation through mlx_lm.load, plot, summary."""
-    final_loss = validate(state.model)
+def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor, val_batches: Callable,
+           train_seconds: float) -> Optional[dict]:
+    """Final validation, then (on the writer) export, the export's validation through
+    mlx_lm.load, plot and summary. Other ranks return None."""
+    final_loss = evaluate(state.model, val_batches(), state.group)
     monitor.end_of_phase(state, final_loss)
+    if not monitor.writer:
+        return None
     model_dir = out / "model"
     if state.phase == "qat":
         exported = export.export(state.model, model_dir, tokenizer=dataset.path, scales_dtype=state.cfg.export_scales, overwrite=True)
     else:
         exported = export.export_fp(state.model, model_dir, tokenizer=dataset.path, overwrite=True)
     loaded, _ = mlx_lm.load(str(model_dir))
-    exported_loss = validate(loaded)
+    exported_loss = evaluate(loaded, val_batches())
 
     records = monitor.metrics.read()
     plan = state.plan
@@ -283,35 +298,46 @@ def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor
 
 
 def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Optional[Path] = None,
-        show_progress: bool = True) -> dict:
-    out = Path(out)
+        show_progress: bool = True) -> Optional[dict]:
+    """Train `cfg` in `out`; under `mlx.launch`, data-parallel over the launched ranks (see
+    mlx_qat.distributed). Returns the summary (None on ranks other than 0)."""
+    out, init_from = Path(out), Path(init_from) if init_from else None
+    group = distributed.world()
+    writer = distributed.is_writer(group)
+    distributed.check_same_config(group, dict(cfg=cfg.to_dict(), out=str(out), resume=resume, init_from=str(init_from)))
     if resume and (out / SUMMARY).exists():
-        print(f"the run in {out} is finished; nothing to do (its summary is {out / SUMMARY})", file=sys.stderr)
-        return json.loads((out / SUMMARY).read_text())
-    source = starting_point(out, cfg, resume, Path(init_from) if init_from else None)
-    out.mkdir(parents=True, exist_ok=True)
+        if writer:
+            print(f"the run in {out} is finished; nothing to do (its summary is {out / SUMMARY})", file=sys.stderr)
+        return json.loads((out / SUMMARY).read_text()) if writer else None
+    distributed.together(group, distributed.check_batch, cfg.batch_size, group)
+    source = distributed.together(group, starting_point, out, cfg, resume, init_from, writer)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     keep_freed_buffers()
-    dataset = load_data(cfg)
-    state = setup(cfg, dataset)
+    # Rank 0 prepares the data first, so that ranks sharing a cache directory prepare it once.
+    first = distributed.together(group, lambda: load_data(cfg) if writer else None)
+    dataset = distributed.together(group, lambda: first if first is not None else load_data(cfg))
+    state = setup(cfg, dataset, group)
     if source is not None:
-        start_from(state, source, out)
-    atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        distributed.together(group, start_from, state, source, out)
+    if writer:
+        atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     val_batches = partial(data.eval_batches, dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    validate = lambda model: evaluate(model, val_batches())  # noqa: E731
-    monitor = Monitor(out, cfg, state.plan, validate, state.step, show_progress)
+    validate = lambda model: evaluate(model, val_batches(), group)  # noqa: E731
+    monitor = Monitor(out, cfg, state.plan, validate, state.step, show_progress, writer)
     started = time.perf_counter()
     try:
         train_range(state, state.plan.fp_steps, dataset, monitor)  # full precision
         if state.plan.qat_steps and state.phase == "fp":  # the switch
             if state.step > 0:
                 monitor.end_of_phase(state, validate(state.model))
-            state.step_fn = switch_to_qat(state.model, state.optimizer, cfg)
+            state.step_fn = switch_to_qat(state.model, state.optimizer, cfg, group=group)
             state.phase = "qat"
         train_range(state, state.plan.total_steps, dataset, monitor)  # quantization-aware
     finally:
         monitor.close()
-    return finish(state, out, dataset, monitor, validate, time.perf_counter() - started)
+    return finish(state, out, dataset, monitor, val_batches, time.perf_counter() - started)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -332,9 +358,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 raise TrainingError(f"{args.out} holds no run to resume (no config.yaml); drop --resume to start one there")
         cfg = config.load(config_path, config.parse_overrides(rest))
         summary = run(cfg, args.out, resume=args.resume, init_from=args.init_from, show_progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, TrainingError, data.DataError, checkpoint.CheckpointError) as e:
+    except (ValueError, FileNotFoundError, TrainingError, data.DataError, checkpoint.CheckpointError,
+            distributed.RankError) as e:
         parser.exit(2, f"error: {e}\n")
-    print(report.format_summary(summary))
+    if summary is not None:
+        print(report.format_summary(summary))
 
 
 if __name__ == "__main__":
