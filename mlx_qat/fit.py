@@ -1,31 +1,43 @@
-"""Fit the QAT loss scaling law to sweep results (DESIGN §5).
+"""Fit the QAT loss scaling law to sweep results.
 
-    python -m mlx_qat.fit RESULTS.jsonl --out law.json [--plot DIR] [--bootstrap 100]
+    python -m mlx_qat.fit RESULTS [RESULTS ...] --out law.json [--plot DIR] [--bootstrap 100] [--workers 1]
 
-RESULTS holds one JSON record per run with at least N, D_fp, D_qat, B (absent or null for
-FP-only runs) and final_val_loss; other fields are kept but ignored. The fit follows Besiroglu
-et al.'s Chinchilla refit: Huber loss (δ = 1e-3) on log-loss residuals, positive coefficients
-in log space, L-BFGS-B from a grid of starts, the best kept; bootstrap resamples give
-confidence intervals. It reports R² overall and per bit width, and refits the predictor's
-constant a to the best fraction of each (N, D_total, B) group.
+Each RESULTS is a JSON-lines file with one record per run, or a sweep directory (its
+results.jsonl and its shards' results-i-of-n.jsonl). A record needs N, D_fp, D_qat, B (absent or
+null for FP-only runs) and final_val_loss; other fields are ignored.
+
+The fit follows Besiroglu et al.'s Chinchilla refit: Huber loss (δ = 1e-3) on log-loss
+residuals, coefficients in log space, L-BFGS-B from a grid of starts, the best kept. Bootstrap
+resamples, each refitted from that optimum, give 95% intervals; a resample that does not
+converge within its iteration and time bounds is left out of them and counted. It reports R²
+overall and per bit width, and refits the predictor's constant a to the best fraction of each
+(N, D_total, B) group.
 """
 
 import argparse
+import ctypes
 import itertools
 import json
 import math
+import os
+import re
 import sys
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
+from scipy.optimize import OptimizeResult, minimize, minimize_scalar
+from tqdm import tqdm
 
 from . import law as scaling
-from . import plan
-from .law import PARAMS, Law
+from .law import PARAMS, Law, save_law
 
 HUBER_DELTA = 1e-3
 MIN_POINTS = 2 * len(PARAMS)  # well-posed only with comfortably more runs than parameters
@@ -61,18 +73,44 @@ class Runs:
         return np.isfinite(self.bits)
 
 
-def read_results(path: Path) -> Runs:
-    """Read and check sweep results; every problem names the line and the fix."""
-    if not Path(path).exists():
+SHARD_RESULTS = re.compile(r"results-\d+-of-\d+\.jsonl")  # what each shard of a sweep writes
+
+
+def results_files(path: Path) -> List[Path]:
+    """A results file as given; a sweep directory as its results.jsonl and shard results."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.name == "results.jsonl" or SHARD_RESULTS.fullmatch(p.name))
+    if not files:
+        raise FitError(f"{path} is a directory without results.jsonl; pass a sweep directory "
+                       "(python -m mlx_qat.sweep --out DIR) or the results file itself")
+    return files
+
+
+def read_results(*paths: Path) -> Runs:
+    """Read and check the results of one or more files or sweep directories (see results_files)."""
+    files = list(dict.fromkeys(f.resolve() for path in paths for f in results_files(path)))  # each file once
+    rows = [row for f in files for row in _read_records(f)]
+    if not rows:
+        raise FitError(f"{', '.join(map(str, paths))} holds no results")
+    return Runs(*map(np.array, zip(*rows)))
+
+
+def _read_records(path: Path) -> List[tuple]:
+    """(N, D_fp, D_qat, B, loss) per record; every problem names the line and the fix."""
+    if not path.exists():
         raise FitError(f"{path} does not exist")
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise FitError(f"{path}:{i} is not JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise FitError(f"{path}:{i} is not a JSON object; each line holds one run's record")
         missing = [k for k in REQUIRED if record.get(k) is None]
         if missing:
             raise FitError(f"{path}:{i} lacks {', '.join(missing)}; each run needs {', '.join(REQUIRED)} (and B for QAT runs)")
@@ -87,12 +125,10 @@ def read_results(path: Path) -> Runs:
         if qat and d_fp <= 0:
             raise FitError(f"{path}:{i}: a QAT run with D_fp = 0 (QAT from scratch) puts the law's S_fp at 0, "
                            "where it is unbounded; leave such runs out")
-        if qat and not (isinstance(b, (int, float)) and b > 0):
+        if qat and not (isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0):
             raise FitError(f"{path}:{i}: B must be a positive number of bits, or null for FP-only runs")
         rows.append((n, d_fp, d_qat, float(b) if qat else np.nan, loss))
-    if not rows:
-        raise FitError(f"{path} holds no results")
-    return Runs(*map(np.array, zip(*rows)))
+    return rows
 
 
 # ---------------------------------------------------------------- the objective
@@ -100,7 +136,7 @@ def read_results(path: Path) -> Runs:
 
 def objective(p, X, mask, log_y, weights, delta=HUBER_DELTA):
     """Mean Huber loss of ln L̂ − ln L (scaled by 1/δ), and its gradient in p."""
-    z = np.where(mask, X @ p, -np.inf)
+    z = np.where(mask, np.einsum("nkj,j->nk", X, p), -np.inf)
     m = z.max(axis=-1)
     e = np.exp(z - m[:, None])
     s = e.sum(axis=-1)
@@ -172,27 +208,172 @@ class Coordinates:
         return out
 
 
+# ---------------------------------------------------------------- bounded, single-threaded optimisation
+
+
+def _openblas_thread_controls() -> List[Tuple]:
+    """(get, set) of the thread count of each OpenBLAS in this process (numpy's and scipy's
+    wheels each bundle one). Linux only: elsewhere numpy uses Accelerate or its BLAS as built."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    controls = []
+    for path in sorted({line.split(maxsplit=5)[-1] for line in maps.splitlines() if "openblas" in line.lower()}):
+        try:
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)  # already loaded: this only finds it
+        except OSError:
+            continue
+        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_")):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            set_ = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get and set_:
+                controls.append((get, set_))
+                break
+    return controls
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run OpenBLAS on one thread inside the block.
+
+    Each L-BFGS-B iteration on these 16 parameters makes a few tiny BLAS calls, which OpenBLAS
+    still hands to its threads; when a training run keeps the cores busy those threads wait for
+    a core, and a fit took 3-30x longer (the best of 8 starts: 0.3 s on one thread, up to 7 s
+    with two beside two busy processes on 2 cores)."""
+    controls = _openblas_thread_controls()
+    before = [get() for get, _ in controls]
+    for _, set_ in controls:
+        set_(1)
+    try:
+        yield
+    finally:
+        for (_, set_), n in zip(controls, before):
+            set_(n)
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How long one L-BFGS-B run may go on: iterations, seconds, and the relative change of the
+    loss below which it stops. A run stopped by the first two has not converged."""
+
+    maxiter: int = 10_000
+    seconds: float = math.inf
+    ftol: float = 1e-14
+
+
+POINT_FIT = Effort()  # the fit itself: run to convergence
+# A bootstrap refit starts at the optimum of the full data, a small step from its own: it
+# converges in 100-800 iterations (0.1-0.5 s) to intervals that a 100x tighter ftol leaves
+# unchanged. One still going after these bounds is given up and counted, not waited on.
+RESAMPLE = Effort(maxiter=2_000, seconds=60.0, ftol=1e-10)
+
 SMOOTH_DELTA = 1.0  # a Huber this wide is least squares: smooth, so the grid of starts converges fast
 
 
-def fit_vector(runs: Runs, p0s: Sequence[np.ndarray], weights: Optional[np.ndarray] = None):
-    """The best L-BFGS-B fit from the starts p0s: (p, scipy result).
+def _deadline(seconds: float):
+    """An L-BFGS-B callback that stops the run once `seconds` have passed."""
+    end = time.monotonic() + seconds
+
+    def check(intermediate_result):
+        if time.monotonic() > end:
+            raise StopIteration
+
+    return None if math.isinf(seconds) else check
+
+
+def fit_vector(runs: Runs, p0s: Sequence[np.ndarray], weights: Optional[np.ndarray] = None,
+               effort: Effort = POINT_FIT, delta: Optional[float] = HUBER_DELTA, progress=None, smooth: bool = True):
+    """The best L-BFGS-B fit from the starts p0s: (p, scipy result of the final run, with the
+    Huber δ it used as `.delta`).
 
     Each start is first fitted by least squares on log-loss (smooth); the best of those is then
-    refined under the Huber loss (δ = 1e-3), whose near-L1 kinks make cold starts slow."""
+    refined under the Huber loss, whose kinks make cold starts slow (smooth=False skips the
+    first stage, for a start that is already an optimum nearby). delta None takes
+    δ = 1.345·σ (σ: the least-squares residuals' scale, 1.4826·MAD), at least HUBER_DELTA:
+    Huber's own choice, which keeps 95% of least squares' precision on Gaussian noise yet caps
+    an outlier's pull. A fixed δ far below the noise is least absolute deviations, which on 1%
+    noise placed the optimal fractions of synthetic laws about 1.4x further off. `effort`
+    bounds each run; `progress` (a tqdm bar) is advanced once per start."""
     X, mask = scaling.design(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     coords = Coordinates.of(X, mask)
     Xc = coords.transform_design(X)
     log_y = np.log(runs.loss)
     weights = np.ones(len(runs)) if weights is None else weights
 
-    def run(q0, delta):
-        return minimize(objective, q0, args=(Xc, mask, log_y, weights, delta), jac=True, method="L-BFGS-B",
-                        bounds=coords.bounds(), options={"maxiter": 10000, "ftol": 1e-14, "gtol": 1e-10})
+    def run(q0, huber):
+        return minimize(objective, q0, args=(Xc, mask, log_y, weights, huber), jac=True, method="L-BFGS-B",
+                        bounds=coords.bounds(), callback=_deadline(effort.seconds),
+                        options={"maxiter": effort.maxiter, "ftol": effort.ftol, "gtol": 1e-10})
 
-    smooth = min((run(coords.to_fit(p0), SMOOTH_DELTA) for p0 in p0s), key=lambda r: r.fun)
-    best = run(smooth.x, HUBER_DELTA)
+    with one_blas_thread():
+        fits = []
+        for p0 in p0s:
+            q0 = coords.to_fit(p0)
+            fits.append(run(q0, SMOOTH_DELTA) if smooth else OptimizeResult(x=q0, fun=0.0))
+            if progress is not None:
+                progress.update()
+        start = min(fits, key=lambda r: r.fun).x
+        if delta is None:
+            delta = residual_delta(scaling.log_loss(start, Xc, mask) - log_y, weights)
+        best = run(start, delta)
+    best.delta = delta
     return coords.from_fit(best.x), best
+
+
+def residual_delta(residuals: np.ndarray, weights: np.ndarray) -> float:
+    """Huber's δ = 1.345·σ for residuals of scale σ = 1.4826·MAD (of the runs with weight), at
+    least HUBER_DELTA."""
+    r = residuals[weights > 0]
+    sigma = 1.4826 * np.median(np.abs(r - np.median(r)))
+    return float(max(HUBER_DELTA, 1.345 * sigma))
+
+
+def converged(result) -> bool:
+    """Whether L-BFGS-B stopped by its own tests, not at the iteration or time bound (status 1
+    and 99); an abnormal line search at the optimum's precision counts as converged."""
+    return bool(result.status not in (1, 99) and np.isfinite(result.fun))
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def _refit(runs: Runs, p: np.ndarray, delta: float, weights: np.ndarray) -> Optional[np.ndarray]:
+    """One bootstrap refit from p with these run weights; None if it did not converge."""
+    q, result = fit_vector(runs, [p], weights=weights, effort=RESAMPLE, delta=delta, smooth=False)
+    return q if converged(result) else None
+
+
+def bootstrap_fits(runs: Runs, p: np.ndarray, resamples: int, seed: int = 0, workers: int = 1,
+                   delta: float = HUBER_DELTA, progress: bool = False) -> Tuple[List[np.ndarray], int]:
+    """Refit `resamples` bootstrap resamples of the runs from p (in `workers` processes):
+    (the fitted vectors of those that converged, the number that did not)."""
+    rng = np.random.default_rng(seed)
+    n = len(runs)
+    weights = [np.bincount(rng.integers(0, n, n), minlength=n).astype(float) for _ in range(resamples)]
+    task = partial(_refit, runs, p, delta)
+    done, failed = [], 0
+    with tqdm(total=resamples, desc="bootstrap", unit="fit", file=sys.stderr, disable=not progress) as bar, \
+            _pool(workers) as pool:
+        for q in (pool.map(task, weights) if pool else map(task, weights)):
+            if q is None:
+                failed += 1
+                bar.set_postfix(not_converged=failed)
+            else:
+                done.append(q)
+            bar.update()
+    return done, failed
+
+
+@contextmanager
+def _pool(workers: int):
+    """Worker processes for the resamples, or None for this process alone. Spawned, not forked:
+    a fork of a process whose BLAS has started threads can deadlock."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        yield pool
 
 
 def r_squared(observed: np.ndarray, predicted: np.ndarray) -> float:
@@ -242,6 +423,9 @@ def fit_predictor_constant(groups: List[dict]) -> Optional[float]:
     return float(res.x)
 
 
+DEFAULT_BOOTSTRAP = 100
+
+
 @dataclass
 class FitResult:
     law: Law
@@ -252,6 +436,10 @@ class FitResult:
     predictor_a: Optional[float]
     groups: List[dict]
     converged: bool
+    huber_delta: float = HUBER_DELTA
+    bootstrap: int = 0  # resamples asked for
+    bootstrap_failed: int = 0  # of those, how many stopped at RESAMPLE's bounds (left out of ci)
+    seconds: float = 0.0
 
     def report(self) -> str:
         lines = [f"{'param':>6} {'value':>12} {'95% CI':>27}"]
@@ -260,14 +448,18 @@ class FitResult:
             lines.append(f"{k:>6} {getattr(self.law, k):>12.5g}   [{lo:>10.4g}, {hi:>10.4g}]")
         lines.append(f"R² overall {self.r2:.4f}; by bit width: " + ", ".join(f"{b}: {r:.4f}" for b, r in self.r2_by_bits.items()))
         lines.append(f"log residuals: mean {self.residuals.mean():+.2e}, max |r| {np.abs(self.residuals).max():.2e}, "
-                     f"RMS {np.sqrt((self.residuals ** 2).mean()):.2e}")
+                     f"RMS {np.sqrt((self.residuals ** 2).mean()):.2e}; Huber δ {self.huber_delta:.3g}")
         a = "not enough (N, D_total, B) groups with 3+ fractions" if self.predictor_a is None else f"{self.predictor_a:.4f}"
         lines.append(f"predictor constant a: {a} (the paper's: {scaling.PREDICTOR_A})")
+        lines.append(f"bootstrap: {self.bootstrap - self.bootstrap_failed} of {self.bootstrap} resamples converged"
+                     + (f"; {self.bootstrap_failed} stopped at {RESAMPLE.maxiter:,} iterations or {RESAMPLE.seconds:g} s "
+                        "and are left out of the intervals" if self.bootstrap_failed else "")
+                     + f" (fit took {self.seconds:.1f} s)")
         return "\n".join(lines)
 
 
-def fit(runs: Runs, bootstrap: int = 100, seed: int = 0, label: str = "") -> FitResult:
-    """Fit the law; raise FitError when the data cannot determine it."""
+def check_sweep(runs: Runs) -> None:
+    """Raise FitError when the runs cannot determine the law's 16 parameters."""
     if len(runs) < MIN_POINTS:
         raise FitError(f"{len(runs)} runs are too few to fit the law's {len(PARAMS)} parameters; use at least "
                        f"{MIN_POINTS} (several N, D_total, B and QAT fractions, plus FP-only runs)")
@@ -275,17 +467,27 @@ def fit(runs: Runs, bootstrap: int = 100, seed: int = 0, label: str = "") -> Fit
     if qat.sum() < len(PARAMS) or len(set(runs.bits[qat])) < 2 or len(set(runs.n)) < 2:
         raise FitError("the QAT terms need QAT runs at two or more bit widths and model sizes; "
                        f"got {int(qat.sum())} QAT runs, bits {sorted(set(runs.bits[qat]))}, sizes {sorted(set(runs.n))}")
-    p, best = fit_vector(runs, starts(runs))
+
+
+def fit(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, label: str = "", workers: int = 1,
+        huber_delta: Optional[float] = None, progress: bool = False) -> FitResult:
+    """Fit the law, then `bootstrap` resamples for the intervals (in `workers` processes);
+    huber_delta None picks δ from the residuals (see fit_vector). progress: tqdm bars on stderr.
+    Raise FitError when the data cannot determine the law."""
+    check_sweep(runs)
+    started = time.perf_counter()
+    p0s = starts(runs)
+    with tqdm(total=len(p0s), desc="starts", unit="fit", file=sys.stderr, disable=not progress) as bar:
+        p, best = fit_vector(runs, p0s, delta=huber_delta, progress=bar)
     law = Law.from_vector(p)
-    converged = bool(best.success)
-    if not converged:
+    ok = converged(best)
+    if not ok:
         warnings.warn(f"the best L-BFGS-B start did not converge ({best.message}); treat the law with caution", stacklevel=2)
 
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(bootstrap):
-        counts = np.bincount(rng.integers(0, len(runs), len(runs)), minlength=len(runs)).astype(float)
-        samples.append(fit_vector(runs, [p], weights=counts)[0])
+    samples, failed = bootstrap_fits(runs, p, bootstrap, seed, workers, best.delta, progress)
+    if failed:
+        warnings.warn(f"{failed} of {bootstrap} bootstrap resamples did not converge within {RESAMPLE.maxiter:,} "
+                      f"iterations or {RESAMPLE.seconds:g} s; the intervals use the other {len(samples)}", stacklevel=2)
     ci = {}
     if samples:
         lo, hi = np.percentile(np.array(samples), [2.5, 97.5], axis=0)
@@ -295,20 +497,39 @@ def fit(runs: Runs, bootstrap: int = 100, seed: int = 0, label: str = "") -> Fit
     predicted = law(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     groups = best_fraction_groups(runs)
     result = FitResult(law, ci, r_squared(runs.loss, predicted), r_squared_by_bits(runs, law),
-                       np.log(predicted) - np.log(runs.loss), fit_predictor_constant(groups), groups, converged)
+                       np.log(predicted) - np.log(runs.loss), fit_predictor_constant(groups), groups, ok,
+                       best.delta, bootstrap, failed, time.perf_counter() - started)
     if result.r2 < 0.9:
         warnings.warn(f"the law explains little of the data (R² = {result.r2:.3f}); check the results file", stacklevel=2)
     meta = {"label": label, "n_runs": len(runs), "r2": result.r2, "r2_by_bits": result.r2_by_bits, "ci95": ci,
-            "bootstrap": bootstrap, "predictor_a": result.predictor_a, "converged": converged}
+            "bootstrap": bootstrap, "bootstrap_not_converged": failed, "huber_delta": result.huber_delta,
+            "predictor_a": result.predictor_a, "converged": ok}
     result.law = Law.from_vector(p, meta=meta)
     return result
 
 
+# ---------------------------------------------------------------- synthetic sweeps (checks of the fit)
+
+
+def perturbed_law(law: Law, rng: np.random.Generator, coefficients: float = 0.5, exponents: float = 0.2) -> Law:
+    """The law with each coefficient scaled by e^u, u ~ U(±coefficients), and each exponent by
+    e^v, v ~ U(±exponents): another law of the same form, to check the fit on more than one."""
+    p = law.to_vector()
+    is_coefficient = np.array([k in scaling.COEFFICIENTS for k in PARAMS])
+    shift = rng.uniform(-1, 1, len(PARAMS))
+    p = np.where(is_coefficient, p + coefficients * shift, p * np.exp(exponents * shift))
+    return Law.from_vector(p)
+
+
 def synthetic_runs(law: Law, rng: np.random.Generator, noise: float = 0.01,
                    sizes=(1e7, 3e7, 1e8, 3e8, 1e9), s_totals=(10, 100, 1e3, 1e4, 1e5), widths=(1, 2, 4, 6),
-                   fractions=(0.1, 0.3, 0.5, 0.7, 0.9)) -> Runs:
+                   fractions=(0.02, 0.25, 0.5, 0.75, 0.98)) -> Runs:
     """A sweep simulated from a known law with log-normal noise (for checking the fit), FP-only
-    runs included at every (N, D) of the 4-bit grid."""
+    runs included at every (N, D) of the 4-bit grid.
+
+    The fractions reach 0.02 and 0.98 because runs with little QAT or little FP training pin
+    down the S_qat and S_fp exponents apart: at 1% noise they halve the spread of the fitted
+    optimal fraction against fractions 0.1-0.9, whose worst points scattered by ±0.05 or more."""
     rows = []
     for n, s in itertools.product(sizes, s_totals):
         for b, f in itertools.product(widths, fractions):
@@ -326,6 +547,8 @@ def synthetic_runs(law: Law, rng: np.random.Generator, noise: float = 0.01,
 def plot(result: FitResult, runs: Runs, out: Path) -> List[Path]:
     """Loss vs fraction per group, optimal fraction vs S_total, predicted vs observed, waste vs S."""
     import matplotlib
+
+    from . import plan  # its questions draw the curves; imported here so that fitting needs only law
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -397,22 +620,42 @@ def plot(result: FitResult, runs: Runs, out: Path) -> List[Path]:
     return paths
 
 
+def count(text: str) -> int:
+    """A non-negative integer argument."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlx_qat.fit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  python -m mlx_qat.fit runs/sweep/results.jsonl --out law.json --plot plots/")
-    parser.add_argument("results", type=Path, help="JSON lines, one record per run")
+                                     epilog="examples:\n  python -m mlx_qat.fit results.jsonl --out law.json --plot plots/\n"
+                                            "  python -m mlx_qat.fit sweeps/local sweeps/more/results.jsonl --out law.json --bootstrap 30")
+    parser.add_argument("results", type=Path, nargs="+", metavar="RESULTS",
+                        help="JSON-lines results files, or sweep directories (their results.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the law (versioned JSON)")
     parser.add_argument("--plot", type=Path, help="directory for PNG plots")
-    parser.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the confidence intervals")
+    parser.add_argument("--bootstrap", type=count, default=DEFAULT_BOOTSTRAP,
+                        help=f"bootstrap resamples for the 95%% intervals (default {DEFAULT_BOOTSTRAP}; 0: none)")
+    parser.add_argument("--workers", type=count, default=1,
+                        help="processes for the bootstrap (default 1, which leaves the other cores to training)")
+    parser.add_argument("--huber-delta", type=float, help="Huber δ on log-loss (default: 1.345x the residuals' "
+                        f"robust scale, at least {HUBER_DELTA:g})")
     parser.add_argument("--label", default="", help="a description stored with the law")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        runs = read_results(args.results)
-        result = fit(runs, bootstrap=args.bootstrap, label=args.label)
+        runs = read_results(*args.results)
+        result = fit(runs, bootstrap=args.bootstrap, label=args.label, workers=args.workers,
+                     huber_delta=args.huber_delta, progress=not args.quiet)
     except FitError as e:
         parser.exit(2, f"error: {e}\n")
-    plan.save_law(result.law, args.out)
+    save_law(result.law, args.out)
     print(result.report())
     print(f"wrote {args.out}")
     if args.plot:

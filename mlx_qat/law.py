@@ -1,4 +1,4 @@
-"""The QAT loss scaling law and the optimal-fraction predictor (DESIGN §5). numpy only.
+"""The QAT loss scaling law, its file format and the optimal-fraction predictor. numpy only.
 
 Statistics: S_x = D_x / (N · B/8), tokens per parameter byte, for x in {total, fp, qat}.
 
@@ -16,10 +16,14 @@ ln(term_k) = X_k · p with a design row X_k built from (N, D, B). The fit works 
 Predictor (Dremov et al. 2025): f̂(S_total) = exp(−a / ln S_total), a = 6.7297.
 """
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+
+from .atomic import write_text
 
 PREDICTOR_A = 6.7297  # the paper's fitted constant (natural log)
 
@@ -129,7 +133,9 @@ def _design(n_params, d_fp, d_qat, bits):
 
 def log_loss(p, X, mask):
     """ln L = logsumexp_k(X_k · p) over the terms in mask."""
-    z = np.where(mask, X @ p, -np.inf)
+    # einsum, not @: a product this small gains nothing from BLAS threads, which stall for
+    # milliseconds waiting for a core when a training run keeps the machine busy.
+    z = np.where(mask, np.einsum("...kj,j->...k", X, p), -np.inf)
     m = z.max(axis=-1)
     return m + np.log(np.exp(z - m[..., None]).sum(axis=-1))
 
@@ -137,3 +143,32 @@ def log_loss(p, X, mask):
 def loss(p, n_params, d_fp, d_qat, bits):
     X, mask = design(n_params, d_fp, d_qat, bits)
     return np.exp(log_loss(np.asarray(p, dtype=float), X, mask))
+
+
+# ---------------------------------------------------------------- law files
+
+LAW_FORMAT = "mlx_qat.law"
+LAW_VERSION = 1
+
+
+def save_law(law: Law, path: Path) -> None:
+    """Write the law as versioned JSON (atomically: an interrupted write leaves the old file)."""
+    doc = {"format": LAW_FORMAT, "version": LAW_VERSION, "params": law.as_dict(), **law.meta}
+    write_text(Path(path), json.dumps(doc, indent=2))
+
+
+def load_law(path: Path) -> Law:
+    """Read a file written by `save_law`; every problem names the file and the fix."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the law file {path} ({e}); write one with python -m mlx_qat.fit") from e
+    if not isinstance(doc, dict) or doc.get("format") != LAW_FORMAT or doc.get("version") != LAW_VERSION:
+        raise ValueError(f"{path} is not a version-{LAW_VERSION} {LAW_FORMAT} file; refit it with python -m mlx_qat.fit")
+    params = doc.pop("params", None) or {}
+    missing = set(PARAMS) - set(params)
+    if missing:
+        raise ValueError(f"{path} lacks the parameters {', '.join(sorted(missing))}; refit it")
+    for key in ("format", "version"):
+        doc.pop(key)
+    return Law(**{k: float(params[k]) for k in PARAMS}, meta=doc)

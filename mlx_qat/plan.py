@@ -20,39 +20,16 @@ import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
 from . import law as scaling
-from .law import Law
+from .law import LAW_FORMAT, LAW_VERSION, Law, load_law, save_law  # noqa: F401  (plan.load_law etc. stay importable)
 
 BIT_WIDTHS = (1, 1.58, 2, 3, 4, 5, 6, 8)
 FP_BITS = 16  # the full-precision reference stores bf16/fp16 weights
-LAW_FORMAT = "mlx_qat.law"
-LAW_VERSION = 1
 F_MIN, F_MAX = 1e-4, 1 - 1e-4
 
-
-# ---------------------------------------------------------------- law files
-
-
-def save_law(law: Law, path: Path) -> None:
-    doc = {"format": LAW_FORMAT, "version": LAW_VERSION, "params": law.as_dict(), **law.meta}
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
-
-
-def load_law(path: Path) -> Law:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the law file {path} ({e}); write one with python -m mlx_qat.fit") from e
-    if doc.get("format") != LAW_FORMAT or doc.get("version") != LAW_VERSION:
-        raise ValueError(f"{path} is not a version-{LAW_VERSION} {LAW_FORMAT} file; refit it with python -m mlx_qat.fit")
-    params = doc.pop("params")
-    missing = set(scaling.PARAMS) - set(params)
-    if missing:
-        raise ValueError(f"{path} lacks the parameters {', '.join(sorted(missing))}; refit it")
-    for key in ("format", "version"):
-        doc.pop(key)
-    return Law(**{k: float(params[k]) for k in scaling.PARAMS}, meta=doc)
+# The law `plan` uses without --law: a file inside the package, named relative to it (for example
+# "laws/local.json", listed in pyproject.toml's package data). None ships until one has been
+# fitted to a real sweep; until then `plan` answers from the predictor alone.
+PACKAGED_LAW: Optional[str] = None
 
 
 # ---------------------------------------------------------------- questions a law answers
@@ -236,10 +213,9 @@ def format_answer(ans: Dict) -> str:
     return "\n".join(lines)
 
 
-def default_law() -> Optional[Law]:
-    """The law shipped with the package (fitted on small local models), if there is one."""
-    path = Path(__file__).parent / "laws" / "local.json"
-    return load_law(path) if path.exists() else None
+def packaged_law() -> Optional[Law]:
+    """The law that ships with the package (PACKAGED_LAW), or None when none does."""
+    return None if PACKAGED_LAW is None else load_law(Path(__file__).parent / PACKAGED_LAW)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -248,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--params", type=number, required=True, help="model parameters N (tied embedding once)")
     parser.add_argument("--tokens", type=number, required=True, help="total training tokens D_total")
     parser.add_argument("--bits", type=bits_arg, required=True, help="QAT bits B")
-    parser.add_argument("--law", type=Path, help="a law file from python -m mlx_qat.fit (default: the shipped local law)")
+    parser.add_argument("--law", type=Path, help="a law file from python -m mlx_qat.fit (without it: the packaged law if one "
+                        "ships, else the predictor alone)")
     parser.add_argument("--fraction", type=float, default=0.1, help="a QAT fraction to assess (default 0.1)")
     parser.add_argument("--memory", type=parse_size, help="weight memory budget, e.g. 2GB (default: N·B/8)")
     parser.add_argument("--predictor-a", type=float, default=scaling.PREDICTOR_A, help="the predictor's constant a")
@@ -257,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not 0 < args.fraction < 1:
         parser.error(f"--fraction {args.fraction} must be in (0, 1)")
     try:
-        law = load_law(args.law) if args.law else default_law()
+        law = load_law(args.law) if args.law else packaged_law()
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     ans = answer(args.params, args.tokens, args.bits, law, args.fraction, args.memory, args.predictor_a)

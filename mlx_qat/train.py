@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from . import blas  # noqa: F401  (the fast BLAS, before mlx.core)
 
@@ -297,24 +297,17 @@ def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor
     return summary
 
 
-def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Optional[Path] = None,
-        show_progress: bool = True) -> Optional[dict]:
-    """Train `cfg` in `out`; under `mlx.launch`, data-parallel over the launched ranks (see
-    mlx_qat.distributed). Returns the summary (None on ranks other than 0)."""
-    out, init_from = Path(out), Path(init_from) if init_from else None
-    group = distributed.world()
+def begin(cfg: config.TrainConfig, out: Path, resume: bool, init_from: Optional[Path], group) -> Tuple[RunState, data.TokenData]:
+    """Everything before the first step: the checks (agreed on by every rank), the data (rank 0
+    first, so that ranks sharing a cache prepare it once), the model, and the checkpoint this
+    run starts from."""
     writer = distributed.is_writer(group)
     distributed.check_same_config(group, dict(cfg=cfg.to_dict(), out=str(out), resume=resume, init_from=str(init_from)))
-    if resume and (out / SUMMARY).exists():
-        if writer:
-            print(f"the run in {out} is finished; nothing to do (its summary is {out / SUMMARY})", file=sys.stderr)
-        return json.loads((out / SUMMARY).read_text()) if writer else None
     distributed.together(group, distributed.check_batch, cfg.batch_size, group)
     source = distributed.together(group, starting_point, out, cfg, resume, init_from, writer)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
     keep_freed_buffers()
-    # Rank 0 prepares the data first, so that ranks sharing a cache directory prepare it once.
     first = distributed.together(group, lambda: load_data(cfg) if writer else None)
     dataset = distributed.together(group, lambda: first if first is not None else load_data(cfg))
     state = setup(cfg, dataset, group)
@@ -322,6 +315,21 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Opt
         distributed.together(group, start_from, state, source, out)
     if writer:
         atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return state, dataset
+
+
+def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Optional[Path] = None,
+        show_progress: bool = True) -> Optional[dict]:
+    """Train `cfg` in `out`; under `mlx.launch`, data-parallel over the launched ranks (see
+    mlx_qat.distributed). Returns the summary (None on ranks other than 0)."""
+    out, init_from = Path(out), Path(init_from) if init_from else None
+    group = distributed.world()
+    writer = distributed.is_writer(group)
+    if resume and (out / SUMMARY).exists():
+        if writer:
+            print(f"the run in {out} is finished; nothing to do (its summary is {out / SUMMARY})", file=sys.stderr)
+        return json.loads((out / SUMMARY).read_text()) if writer else None
+    state, dataset = begin(cfg, out, resume, init_from, group)
 
     val_batches = partial(data.eval_batches, dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     validate = lambda model: evaluate(model, val_batches(), group)  # noqa: E731

@@ -35,8 +35,31 @@ def test_explicit_library_comes_first(monkeypatch):
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
 def test_missing_blas_warns_once():
-    code = "import warnings; warnings.simplefilter('always'); import mlx_qat; print(mlx_qat.blas.loaded)"
+    code = ("import warnings; warnings.simplefilter('always'); import mlx_qat, mlx.core, mlx.nn; "
+            "print(mlx_qat.blas.loaded)")
     env = {"MLX_QAT_BLAS": "/nonexistent/libblas.so", "PATH": ""}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip() == "None"
     assert result.stderr.count("no optimized CBLAS found") == 1
+
+
+MAPPED_BLAS = ("import sys; from pathlib import Path; from mlx_qat import blas; "
+               "maps = Path('/proc/self/maps').read_text(); "
+               "print(blas.loaded, 'mlx' in sys.modules, any(Path(c).resolve().name in maps for c in blas.candidates()))")
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
+def test_the_blas_loads_when_mlx_is_imported_not_before():
+    alone = subprocess.run([sys.executable, "-c", f"import mlx_qat; {MAPPED_BLAS}"], capture_output=True, text=True, check=True)
+    assert alone.stdout.split() == ["None", "False", "False"], alone.stdout + alone.stderr
+    code = f"import mlx_qat; import mlx.core as mx; {MAPPED_BLAS}"
+    with_mlx = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded, mlx_in, mapped = with_mlx.stdout.split()
+    assert loaded != "None" and ("mkl" in loaded or "openblas" in loaded), with_mlx.stdout + with_mlx.stderr
+    assert (mlx_in, mapped) == ("True", "True")
+
+
+def test_qat_names_are_imported_on_first_use():
+    code = "import sys, mlx_qat; before = 'mlx_qat.fakequant' in sys.modules; from mlx_qat import QuantSpec, fake_quant; print(before, QuantSpec.__module__, fake_quant.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "mlx_qat.quantizers", "mlx_qat.fakequant"]
