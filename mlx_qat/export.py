@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -86,6 +86,7 @@ def export(
     tokenizer=None,
     scales_dtype: str = "float32",
     overwrite: bool = False,
+    base_config: Optional[dict] = None,
 ) -> ExportReport:
     """Write `model` (in QAT form) as an mlx-lm directory at `path`.
 
@@ -93,13 +94,15 @@ def export(
     `save_pretrained`; mlx_lm.load needs one. scales_dtype: float32 (lossless), float16 or
     bfloat16 (smaller, rounds the scales). The directory is written beside `path` and moved
     into place when complete; an existing `path` is replaced only with overwrite=True.
+    base_config: the `config.json` to write (with the quantization added), for a model that
+    keeps a pretrained model's identity; default: the model's own arguments.
     """
     path = Path(path)
     if scales_dtype not in SCALES_DTYPES:
         raise ValueError(f"scales_dtype={scales_dtype!r}; use one of {', '.join(SCALES_DTYPES)}")
     if not qat_specs(model):
         raise ValueError("the model has no QAT layers to export; convert it with mlx_qat.layers.to_qat first")
-    config = config_dict(model)
+    config = dict(base_config) if base_config is not None else config_dict(model)  # a pretrained model keeps its own
     packed = packed_model(model, SCALES_DTYPES[scales_dtype])
     config["quantization"] = quantization_config(module_quantization(packed))
     _write(path, overwrite, partial(_save, packed, config, tokenizer))
@@ -129,7 +132,10 @@ def packed_model(model: nn.Module, scales_dtype=mx.float32) -> nn.Module:
     `layers.to_quantized`: the same layers, in the same places, that `mlx_lm.load` builds from
     the config this export writes.
     """
-    packed = to_qat(type(model)(model.args), qat_specs(model))
+    fresh = type(model)(model.args)
+    if hasattr(fresh, "sanitize"):  # as mlx_lm.load does: e.g. gemma3_text ties its head there
+        fresh.sanitize(dict(tree_flatten(model.parameters())))
+    packed = to_qat(fresh, qat_specs(model))
     packed.load_weights(list(tree_flatten(model.parameters())), strict=True)
     return to_quantized(packed, scales_dtype)
 

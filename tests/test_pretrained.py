@@ -1,0 +1,342 @@
+"""Starting QAT from pretrained models: mlx-lm directories of several architectures (one
+quantized), a llama GGUF with quantized tensors and its tokenizer, the refusals, and the
+distillation loss."""
+
+import mlx_qat  # noqa: F401  (first, so that MLX binds the optimized BLAS)
+
+import json
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import mlx_lm
+import numpy as np
+import pytest
+from gguf.quants import dequantize, quantize
+from mlx.utils import tree_flatten
+from mlx_lm.gguf import permute_weights, translate_weight_names
+from mlx_lm.utils import quantize_model, save_config, save_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mlx_qat import QuantSpec, checkpoint
+from mlx_qat.distill import make_distill_loss
+from mlx_qat.evaluate import loss_fn
+from mlx_qat.export import export
+from mlx_qat.layers import quant_specs, to_qat
+from mlx_qat.model import from_config
+from mlx_qat.pretrained import _pre_tokenizer, export_config, load
+
+from conftest import random_text
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VOCAB = 320
+SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
+             num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=VOCAB)
+ARCHS = {
+    "llama": dict(tie_word_embeddings=False),
+    "mistral": {},
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(head_dim=32, max_position_embeddings=256, tie_word_embeddings=True, rope_theta=1e6),
+    "gemma": dict(head_dim=32),
+    "gemma2": dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=16),
+    "gemma3_text": dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=16, sliding_window_pattern=2),
+    "phi3": dict(num_key_value_heads=2, max_position_embeddings=256),
+}
+IDS = mx.array([[1, 5, 9, 22, 100, 7, 300, 41]])
+
+
+@pytest.fixture(scope="module")
+def bpe() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (vocab 320) with chat specials, as a GGUF `gpt2` tokenizer is."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(random_text(300), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[1], eos_token=SPECIALS[2],
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def save_directory(path: Path, model: nn.Module, config: dict, tokenizer) -> Path:
+    """An mlx-lm model directory written with mlx-lm's own functions."""
+    save_model(path, model)
+    save_config({**config, "architectures": ["ForTests"], "eos_token_id": [2, 0]}, path / "config.json")
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def qat_export_reload(p, tmp_path: Path):
+    """to_qat at 2 bits, export with the pretrained config, reload and generate with mlx-lm."""
+    to_qat(p.model, quant_specs(p.model, QuantSpec(2, 32)))
+    export(p.model, tmp_path / "export", tokenizer=p.tokenizer, base_config=export_config(p, p.model))
+    model, tokenizer, config = mlx_lm.load(str(tmp_path / "export"), return_config=True)
+    np.testing.assert_allclose(np.array(model(IDS)), np.array(p.model(IDS)), atol=1e-4, rtol=1e-4)
+    assert isinstance(mlx_lm.generate(model, tokenizer, "hello world", max_tokens=3), str)
+    return config, tokenizer
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_directory_loads_equal_and_exports(arch, bpe, tmp_path):
+    config = {"model_type": arch, **SMALL, **ARCHS[arch]}
+    original = from_config(config, seed=1)
+    p = load(save_directory(tmp_path / "model", original, config, bpe))
+    np.testing.assert_allclose(np.array(p.model(IDS)), np.array(original(IDS)), atol=1e-6, rtol=1e-6)
+    assert p.config["architectures"] == ["ForTests"] and p.source == str(tmp_path / "model")
+    exported, _ = qat_export_reload(p, tmp_path)
+    assert exported["architectures"] == ["ForTests"] and exported["eos_token_id"] == [2, 0]
+    assert exported["quantization"]["bits"] == 2
+
+
+def test_tied_gemma3_text_exports_tied(bpe, tmp_path):
+    config = {"model_type": "gemma3_text", **SMALL, **ARCHS["gemma3_text"]}
+    original = from_config(config, seed=1)
+    original.sanitize({})  # no lm_head.weight: tied, as mlx_lm.load ties it
+    p = load(save_directory(tmp_path / "model", original, config, bpe))
+    assert "lm_head" not in p.model
+    qat_export_reload(p, tmp_path)
+
+
+def test_quantized_directory_loads_dequantized(bpe, tmp_path):
+    config = {"model_type": "llama", **SMALL}
+    quantized, config = quantize_model(from_config(config, seed=2), config, group_size=32, bits=4)
+    p = load(save_directory(tmp_path / "model", quantized, config, bpe))
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in p.model.named_modules())
+    assert "quantization" not in p.config and "quantization_config" not in p.config
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(p.model.parameters()))
+    np.testing.assert_allclose(np.array(p.model(IDS)), np.array(quantized(IDS)), atol=1e-5, rtol=1e-5)
+    exported, _ = qat_export_reload(p, tmp_path)
+    assert exported["quantization"]["group_size"] == 32
+
+
+# GGUF: an HF-order llama written as llama.cpp's converter writes it (Q/K rows permuted)
+
+GGUF_TYPES = {  # tensors stored quantized; the rest F32
+    "blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q8_0,
+    "blk.1.attn_q.weight": gguf.GGMLQuantizationType.Q4_0,
+    "blk.0.attn_k.weight": gguf.GGMLQuantizationType.Q4_1,
+    "blk.1.ffn_gate.weight": gguf.GGMLQuantizationType.F16,
+    "blk.0.attn_v.weight": gguf.GGMLQuantizationType.BF16,  # BF16 and K-quants: read through the gguf package
+    "blk.1.ffn_down.weight": gguf.GGMLQuantizationType.Q4_K,
+}
+GGUF_LLAMA = {"model_type": "llama", **SMALL, "intermediate_size": 256, "tie_word_embeddings": True}  # K-quant rows: 256
+
+
+def q4_k_blocks(rows: int, cols: int) -> np.ndarray:
+    """Random Q4_K blocks (256 weights in 144 bytes: d, dmin, 12 bytes of scales, 128 of codes)."""
+    blocks = np.random.default_rng(0).integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:4] = np.frombuffer(np.array([0.002, 0.002], np.float16).tobytes(), np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path: Path, model: nn.Module, tokenizer, arch="llama", **metadata) -> dict:
+    """Write `model` (HF order) as a GGUF; return {mlx-lm name: the float weight it stores}."""
+    args = model.args
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(args.num_hidden_layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(args.hidden_size)
+    writer.add_feed_forward_length(args.intermediate_size)
+    writer.add_head_count(args.num_attention_heads)
+    writer.add_head_count_kv(args.num_key_value_heads)
+    writer.add_rope_dimension_count(args.hidden_size // args.num_attention_heads)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": [t for t, _ in vocab],
+        "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]],
+        "tokenizer.ggml.token_type": [3 if t in SPECIALS else 1 for t, _ in vocab],
+        "tokenizer.ggml.bos_token_id": tokenizer.bos_token_id,
+        "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id,
+        "tokenizer.chat_template": CHAT_TEMPLATE,
+        **metadata,
+    }
+    for key, value in fields.items():
+        if value is not None:
+            writer.add_key_value(key, value, _gguf_type(key, value))
+    stored = {}
+    for name, w in tree_flatten(model.parameters()):
+        kind = GGUF_TYPES.get(translate_weight_names(name), gguf.GGMLQuantizationType.F32)
+        if kind == gguf.GGMLQuantizationType.Q4_K:  # gguf cannot quantize to it: random blocks stand in
+            data = q4_k_blocks(*w.shape)
+            stored[name] = dequantize(data, kind)
+        else:
+            stored[name] = dequantize(quantize(np.array(w), kind), kind)  # what the file holds, in HF order
+            if name.endswith(("q_proj.weight", "k_proj.weight")):  # as mlx_lm.gguf.convert_to_gguf writes them
+                w = permute_weights(w, args.num_attention_heads, args.num_key_value_heads if "k_proj" in name else None)
+            data = quantize(np.array(w), kind)
+        writer.add_tensor(translate_weight_names(name), data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+def _gguf_type(key, value):
+    types = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.UINT32, str: gguf.GGUFValueType.STRING,
+             list: gguf.GGUFValueType.ARRAY}
+    return types[type(value)]
+
+
+@pytest.fixture(scope="module")
+def hf_llama() -> nn.Module:
+    return from_config(GGUF_LLAMA, seed=3)
+
+
+def test_gguf_loads_as_the_original_llama(hf_llama, bpe, tmp_path):
+    stored = write_gguf(tmp_path / "m.gguf", hf_llama, bpe)
+    # The same HF-order model with the weights the GGUF holds: the Q/K permutation and
+    # rope_traditional cancel, so the logits agree.
+    reference = from_config(GGUF_LLAMA)
+    reference.load_weights([(k, mx.array(v)) for k, v in stored.items()])
+    p = load(tmp_path / "m.gguf")
+    assert p.config["rope_traditional"] and p.config["tie_word_embeddings"] and p.config["eos_token_id"] == bpe.eos_token_id
+    np.testing.assert_allclose(np.array(p.model(IDS)), np.array(reference(IDS)), atol=2e-5, rtol=1e-5)
+
+    text = "hello 123 wörld <|im_start|>user\nhi<|im_end|>"
+    assert p.tokenizer.encode(text) == bpe.encode(text) and p.tokenizer.decode(bpe.encode(text)) == text
+    chat = [{"role": "user", "content": "hi"}]
+    assert p.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        bpe.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+    exported, tokenizer = qat_export_reload(p, tmp_path)
+    assert exported["rope_traditional"] and tokenizer.encode(text) == bpe.encode(text)
+    assert tokenizer.chat_template == CHAT_TEMPLATE and tokenizer.eos_token_id == bpe.eos_token_id
+
+
+def test_gguf_bos_is_added_when_the_file_says_so(hf_llama, bpe, tmp_path):
+    write_gguf(tmp_path / "m.gguf", hf_llama, bpe, **{"tokenizer.ggml.add_bos_token": True})
+    tokenizer = load(tmp_path / "m.gguf").tokenizer
+    assert tokenizer.encode("hello") == [bpe.bos_token_id] + bpe.encode("hello")
+
+
+def test_gguf_pre_tokenizers_split_as_their_models_do():
+    def pieces(name, text):
+        return [p for p, _ in _pre_tokenizer(name, Path("m.gguf"))[0].pre_tokenize_str(text)]
+
+    assert pieces("gpt2", "abc 12345") == ["abc", "Ġ12345"]
+    assert pieces("smollm", "abc 12345") == ["abc", "Ġ", "1", "2", "3", "4", "5"]
+    assert pieces("llama-bpe", "abc 12345") == ["abc", "Ġ", "123", "45"]
+
+
+# Refusals: one clear line each, before the weights are read
+
+
+def expect_error(path, *words):
+    with pytest.raises(ValueError) as e:
+        load(path)
+    message = str(e.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_refuses_paths_that_are_no_model(tmp_path):
+    expect_error(tmp_path / "missing", "does not exist")
+    expect_error(tmp_path, "no config.json", ".gguf")
+    (tmp_path / "notes.txt").write_text("hi")
+    expect_error(tmp_path / "notes.txt", "neither")
+    with pytest.raises(ValueError, match="float type"):
+        load(tmp_path, dtype=mx.int32)
+
+
+def test_refuses_unknown_and_unsupported_architectures(bpe, tmp_path):
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text(json.dumps({"model_type": "nonexistent_arch"}))
+    expect_error(tmp_path / "unknown", "'nonexistent_arch'", "mlx_lm.models")
+    config = {"model_type": "mixtral", **SMALL, "num_local_experts": 2, "num_experts_per_tok": 1}
+    moe = save_directory(tmp_path / "moe", from_config(config), config, bpe)
+    expect_error(moe, "mixtral", "SwitchLinear", "switch_mlp")
+
+
+def test_refuses_a_directory_without_weights_or_tokenizer(bpe, tmp_path):
+    config = {"model_type": "llama", **SMALL}
+    path = save_directory(tmp_path / "model", from_config(config), config, bpe)
+    (path / "model.safetensors").rename(tmp_path / "weights")
+    expect_error(path, "no model*.safetensors")
+    (tmp_path / "weights").rename(path / "model.safetensors")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).unlink()
+    expect_error(path, "no tokenizer")
+
+
+def test_refuses_a_tokenizer_larger_than_the_embedding(bpe, tmp_path):
+    config = {"model_type": "llama", **SMALL, "vocab_size": 256}
+    expect_error(save_directory(tmp_path / "model", from_config(config), config, bpe), "320 tokens", "256 rows")
+
+
+def test_refuses_a_checkpoint_in_qat_form(tmp_path):
+    model = from_config({"model_type": "llama", **SMALL})
+    to_qat(model, quant_specs(model, QuantSpec(2, 32)))
+    checkpoint.save(tmp_path / "run" / "checkpoint", model, optim.Adam(learning_rate=1e-3), {"step": 0})
+    expect_error(tmp_path / "run" / "checkpoint", "--init-from")
+    expect_error(tmp_path / "run", "--init-from")
+
+
+def test_refuses_gguf_it_cannot_rebuild(hf_llama, bpe, tmp_path):
+    write_gguf(tmp_path / "qwen.gguf", hf_llama, bpe, arch="qwen2")
+    expect_error(tmp_path / "qwen.gguf", "general.architecture 'qwen2'")
+    write_gguf(tmp_path / "spm.gguf", hf_llama, bpe, **{"tokenizer.ggml.model": "llama"})
+    expect_error(tmp_path / "spm.gguf", "tokenizer.ggml.model is 'llama'")
+    write_gguf(tmp_path / "pre.gguf", hf_llama, bpe, **{"tokenizer.ggml.pre": "exotic"})
+    expect_error(tmp_path / "pre.gguf", "'exotic'", "smollm")
+    small = from_config({**GGUF_LLAMA, "vocab_size": 256})
+    write_gguf(tmp_path / "small.gguf", small, bpe)
+    expect_error(tmp_path / "small.gguf", "320 tokens", "256 rows")
+
+
+def test_export_config_refuses_another_model(bpe, tmp_path):
+    config = {"model_type": "llama", **SMALL}
+    p = load(save_directory(tmp_path / "model", from_config(config), config, bpe))
+    with pytest.raises(ValueError, match="not the"):
+        export_config(p, from_config({**config, "num_hidden_layers": 1}))
+
+
+# Distillation
+
+
+def reference_distill(student_logits, teacher_logits, targets, kl_weight):
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        m = x.max(-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+    log_q, log_p = log_softmax(student_logits), log_softmax(teacher_logits)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()
+    ce = -np.take_along_axis(log_q, targets[..., None], -1).mean()
+    return kl_weight * kl + (1 - kl_weight) * ce
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.3, 1.0])
+def test_distill_loss_matches_numpy(kl_weight):
+    config = {"model_type": "llama", **SMALL}
+    teacher, student = from_config(config, seed=4), from_config(config, seed=5)
+    batch = mx.random.randint(0, VOCAB, (3, 12), key=mx.random.key(0))
+    loss = make_distill_loss(teacher, kl_weight)(student, batch).item()
+    expected = reference_distill(np.array(student(batch[:, :-1])), np.array(teacher(batch[:, :-1])),
+                                 np.array(batch[:, 1:]), kl_weight)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_distill_loss_edges():
+    config = {"model_type": "llama", **SMALL}
+    teacher, student = from_config(config, seed=4), from_config(config, seed=5)
+    batch = mx.random.randint(0, VOCAB, (2, 9), key=mx.random.key(1))
+    assert make_distill_loss(teacher, 0)(student, batch).item() == pytest.approx(loss_fn(student, batch).item(), rel=1e-6)
+    assert make_distill_loss(teacher, 1)(from_config(config, seed=4), batch).item() == pytest.approx(0, abs=1e-6)
+    loss, grads = nn.value_and_grad(student, make_distill_loss(teacher, 0.5))(student, batch)
+    assert all(mx.isfinite(g).all().item() for _, g in tree_flatten(grads))
+    for bad in (-0.1, 1.5, "1"):
+        with pytest.raises(ValueError, match="kl_weight"):
+            make_distill_loss(teacher, bad)
+    with pytest.raises(ValueError, match="second time"):
+        make_distill_loss(teacher, 1)(teacher, batch)
