@@ -31,7 +31,7 @@ class _BlasBeforeMLX:
 
 
 if sys.modules.get("mlx") is not None or sys.modules.get("mlx.core") is not None:
-    blas.load()  # too late to swap, or just in time if only the namespace is in: either way, now
+    blas.load()  # mlx came first: load now (blas.load warns if mlx.core already bound its own BLAS)
 elif not any(isinstance(f, _BlasBeforeMLX) for f in sys.meta_path):
     sys.meta_path.insert(0, _BlasBeforeMLX())
 

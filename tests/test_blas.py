@@ -52,14 +52,18 @@ MAPPED_BLAS = ("import sys; from pathlib import Path; from mlx_qat import blas; 
 def test_the_blas_loads_when_mlx_is_imported_not_before():
     alone = subprocess.run([sys.executable, "-c", f"import mlx_qat; {MAPPED_BLAS}"], capture_output=True, text=True, check=True)
     assert alone.stdout.split() == ["None", "False", "False"], alone.stdout + alone.stderr
-    code = f"import mlx_qat; import mlx.core as mx; {MAPPED_BLAS}"
+    matmul = ("import time; a = mx.random.normal((512, 512)); mx.eval(a @ a); t = time.perf_counter(); "
+              "[mx.eval(a @ a) for _ in range(10)]; print(20 * 512**3 / (time.perf_counter() - t) / 1e9)")
+    code = f"import mlx_qat; import mlx.core as mx; {MAPPED_BLAS}; {matmul}"
     with_mlx = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded, mlx_in, mapped = with_mlx.stdout.split()
+    loaded, mlx_in, mapped, gflops = with_mlx.stdout.split()
     assert loaded != "None" and ("mkl" in loaded or "openblas" in loaded), with_mlx.stdout + with_mlx.stderr
     assert (mlx_in, mapped) == ("True", "True")
+    assert float(gflops) > 20, with_mlx.stdout  # MLX's matmul runs on it: the reference BLAS manages ~4
 
 
 def test_qat_names_are_imported_on_first_use():
-    code = "import sys, mlx_qat; before = 'mlx_qat.fakequant' in sys.modules; from mlx_qat import QuantSpec, fake_quant; print(before, QuantSpec.__module__, fake_quant.__module__)"
+    code = ("import sys, mlx_qat; before = 'mlx_qat.fakequant' in sys.modules; "
+            "from mlx_qat import QuantSpec, fake_quant; print(before, QuantSpec.__module__, fake_quant.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "mlx_qat.quantizers", "mlx_qat.fakequant"]

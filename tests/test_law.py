@@ -1,4 +1,6 @@
-"""The scaling law, its fit on synthetic sweeps, and the planner (numpy/scipy only)."""
+"""The scaling law, its file format, the planner, and the fit and plan commands (numpy/scipy only).
+
+The fit itself is checked in test_fit.py."""
 
 import json
 import math
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_qat import fit, plan
-from mlx_qat.law import PARAMS, Law, predicted_qat_fraction, tokens_per_param_byte
+from mlx_qat import law as scaling
+from mlx_qat.law import Law, predicted_qat_fraction, tokens_per_param_byte
 
 # Known laws with realistic QAT penalties (median ~5% over FP, tens of % at 1 bit and small S).
 TRUTHS = [
@@ -20,8 +23,6 @@ TRUTHS = [
     Law(alpha=1.8, beta=600, gamma=0.3, zeta=350, eta=0.32, theta=0.1, kappa=0.8, phi=30, chi=0.8, psi=0.12,
         omega=0.4, lam=120, mu=0.7, nu=0.12, xi=0.4, rho=0.3),
 ]
-SWEEP = dict(sizes=tuple(np.geomspace(1e7, 1e9, 7)), s_totals=tuple(np.geomspace(10, 1e5, 7)),
-             widths=(1, 2, 4, 6), fractions=tuple(np.round(np.arange(0.1, 0.91, 0.1), 2)))
 
 
 def test_law_formula_term_by_term():
@@ -50,41 +51,6 @@ def test_vector_round_trip():
     law = TRUTHS[1]
     back = Law.from_vector(law.to_vector())
     assert back.as_dict() == pytest.approx(law.as_dict(), rel=1e-12)
-
-
-@pytest.mark.parametrize("truth", TRUTHS, ids=["A", "B", "C"])
-def test_refit_recovers_losses_and_optimal_fractions(truth):
-    runs = fit.synthetic_runs(truth, np.random.default_rng(0), **SWEEP)
-    result = fit.fit(runs, bootstrap=0)
-    assert result.converged
-    assert result.r2 > 0.98 and all(r > 0.98 for r in result.r2_by_bits.values())
-    held = fit.synthetic_runs(truth, np.random.default_rng(1), sizes=(2e7, 2e8, 7e8), s_totals=(30, 3e3, 3e4),
-                              fractions=(0.15, 0.45, 0.85))
-    assert fit.r_squared(held.loss, result.law(held.n, held.d_fp, held.d_qat, held.bits)) >= 0.98
-    errors = []
-    for n in (1e7, 1e8, 1e9):
-        for s in (10, 100, 1e3, 1e4, 1e5):
-            for b in (1, 2, 4, 6):
-                d = s * n * b / 8
-                errors.append(abs(plan.optimal_fraction(truth, n, d, b)[0] - plan.optimal_fraction(result.law, n, d, b)[0]))
-    assert max(errors) <= 0.05, max(errors)
-
-
-def test_noise_free_fit_is_exact():
-    truth = TRUTHS[2]
-    runs = fit.synthetic_runs(truth, np.random.default_rng(0), noise=0.0)
-    result = fit.fit(runs, bootstrap=0)
-    np.testing.assert_allclose(result.law(runs.n, runs.d_fp, runs.d_qat, runs.bits), runs.loss, rtol=1e-6)
-
-
-def test_bootstrap_intervals_cover_the_fit():
-    truth = TRUTHS[0]
-    runs = fit.synthetic_runs(truth, np.random.default_rng(2))
-    result = fit.fit(runs, bootstrap=10)
-    for k in PARAMS:
-        lo, hi = result.ci[k]
-        assert lo <= hi
-    assert result.ci["alpha"][0] <= truth.alpha * 1.05 and result.ci["alpha"][1] >= truth.alpha * 0.95
 
 
 def brute_force_optimum(law, n, d, b):
@@ -126,26 +92,6 @@ def test_best_bits_and_fp_comparison_match_brute_force():
             assert plan.gap_to_fp(law, memory, match * 0.5, b) > 0
 
 
-def test_fit_errors():
-    truth = TRUTHS[0]
-    with pytest.raises(fit.FitError, match="too few"):
-        fit.fit(fit.synthetic_runs(truth, np.random.default_rng(0), sizes=(1e8,), s_totals=(100,), widths=(2,), fractions=(0.5,)))
-
-
-@pytest.mark.parametrize("record, message", [
-    ({"N": 1e8, "D_fp": 1e9, "B": 2, "final_val_loss": 3.0}, "lacks D_qat"),
-    ({"N": -1, "D_fp": 1e9, "D_qat": 1e8, "B": 2, "final_val_loss": 3.0}, "must be positive"),
-    ({"N": 1e8, "D_fp": 0, "D_qat": 1e8, "B": 2, "final_val_loss": 3.0}, "QAT from scratch"),
-    ({"N": 1e8, "D_fp": 1e9, "D_qat": 1e8, "B": "two", "final_val_loss": 3.0}, "B must be a positive number"),
-    ({"N": 1e8, "D_fp": 1e9, "D_qat": 1e8, "B": 2, "final_val_loss": float("nan")}, "finite numbers"),
-])
-def test_results_validation(tmp_path, record, message):
-    path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps(record) + "\n")
-    with pytest.raises(fit.FitError, match=message):
-        fit.read_results(path)
-
-
 def write_results(path, runs):
     with open(path, "w") as f:
         for i in range(len(runs)):
@@ -155,7 +101,7 @@ def write_results(path, runs):
 
 
 def test_fit_and_plan_commands(tmp_path):
-    runs = fit.synthetic_runs(TRUTHS[0], np.random.default_rng(0))
+    runs = fit.synthetic_runs(TRUTHS[0], np.random.default_rng(0), sizes=(1e7, 1e8, 1e9), s_totals=(10, 1e3, 1e5), widths=(1, 2, 4))
     write_results(tmp_path / "results.jsonl", runs)
     no_mlx = "import sys; sys.modules['mlx'] = None; import runpy; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')"
     out = subprocess.run([sys.executable, "-c", no_mlx, "mlx_qat.fit", str(tmp_path / "results.jsonl"), "--out",
@@ -178,10 +124,40 @@ def test_fit_and_plan_commands(tmp_path):
     assert "optimal QAT fraction" in table and "best bit width" in table
 
 
-def test_plan_without_a_law_uses_the_predictor():
+def test_plan_without_a_law_uses_the_predictor(capsys):
     ans = plan.answer(1e8, 1e10, 4, None)
     assert ans["law"] is None and ans["predictor"]["optimal_fraction"] == pytest.approx(float(predicted_qat_fraction(200)))
     assert "no fitted law" in plan.format_answer(ans)
+    assert plan.PACKAGED_LAW is None and plan.packaged_law() is None  # none ships yet
+    plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2"])
+    out = capsys.readouterr()
+    assert out.out.splitlines()[1:] == ["predictor (a = 6.7297): optimal QAT fraction 0.325",
+                                        "no fitted law: pass --law law.json (python -m mlx_qat.fit RESULTS) for losses, waste and bit widths"]
+    assert out.err == ""
+
+
+def test_a_packaged_law_is_the_default(tmp_path, monkeypatch, capsys):
+    scaling.save_law(Law(**TRUTHS[0].as_dict(), meta={"label": "packaged"}), tmp_path / "local.json")
+    monkeypatch.setattr(plan, "PACKAGED_LAW", str(tmp_path / "local.json"))  # an absolute path joins as itself
+    plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--json"])
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["law"]["label"] == "packaged"
+    assert answer["law"]["optimal_fraction"] == pytest.approx(plan.optimal_fraction(TRUTHS[0], 1e8, 1e10, 2)[0])
+
+
+def test_law_files_round_trip_and_explain_their_problems(tmp_path):
+    law = Law(**TRUTHS[1].as_dict(), meta={"label": "x", "n_runs": 3})
+    scaling.save_law(law, tmp_path / "law.json")
+    back = scaling.load_law(tmp_path / "law.json")
+    assert back.as_dict() == law.as_dict() and back.meta == {"label": "x", "n_runs": 3}
+    assert json.loads((tmp_path / "law.json").read_text())["format"] == scaling.LAW_FORMAT
+    assert plan.load_law is scaling.load_law and plan.save_law is scaling.save_law
+    assert [p.name for p in tmp_path.iterdir()] == ["law.json"]  # no temporary file left behind
+    for text, message in [("{", "cannot read"), ('{"format": "other"}', "not a version-1"), ("[1]", "not a version-1"),
+                          ('{"format": "mlx_qat.law", "version": 1, "params": {"alpha": 1}}', "lacks the parameters")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            scaling.load_law(tmp_path / "bad.json")
 
 
 def test_plan_argument_errors(capsys, tmp_path):
