@@ -96,16 +96,17 @@ def results_files(path: Path) -> List[Path]:
     return files
 
 
-def read_results(*paths: Path) -> Runs:
-    """Read and check the results of one or more files or sweep directories (see results_files)."""
+def read_results(*paths: Path, schedule: Optional[str] = None) -> Runs:
+    """Read and check the results of one or more files or sweep directories (see results_files);
+    with `schedule`, only the records of that schedule (or with none recorded)."""
     files = list(dict.fromkeys(f.resolve() for path in paths for f in results_files(path)))  # each file once
-    rows = [row for f in files for row in _read_records(f)]
+    rows = [row for f in files for row in _read_records(f, schedule)]
     if not rows:
-        raise FitError(f"{', '.join(map(str, paths))} holds no results")
+        raise FitError(f"{', '.join(map(str, paths))} holds no results" + (f" of schedule {schedule}" if schedule else ""))
     return Runs(*map(np.array, zip(*rows)))
 
 
-def _read_records(path: Path) -> List[tuple]:
+def _read_records(path: Path, schedule: Optional[str] = None) -> List[tuple]:
     """(N, D_fp, D_qat, B, loss) per record; every problem names the line and the fix."""
     if not path.exists():
         raise FitError(f"{path} does not exist")
@@ -126,6 +127,8 @@ def _read_records(path: Path) -> List[tuple]:
         values = [record[k] for k in REQUIRED]
         if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) for v in values):
             raise FitError(f"{path}:{i}: N, D_fp, D_qat and final_val_loss must be finite numbers")
+        if schedule is not None and record.get("schedule", schedule) != schedule:
+            continue
         n, d_fp, d_qat, loss = map(float, values)
         qat = b is not None and d_qat > 0
         if n <= 0 or loss <= 0 or d_fp < 0 or d_qat < 0 or d_fp + d_qat <= 0:
@@ -660,11 +663,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="processes for the bootstrap (default 1, which leaves the other cores to training)")
     parser.add_argument("--huber-delta", type=float, help="Huber δ on log-loss (default: 1.345x the residuals' "
                         f"robust scale, at least {HUBER_DELTA:g})")
+    parser.add_argument("--schedule", help="fit only the runs of this schedule (separate or fused): the law "
+                        "has no term for it, so fit one schedule at a time")
     parser.add_argument("--label", default="", help="a description stored with the law")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        runs = read_results(*args.results)
+        runs = read_results(*args.results, schedule=args.schedule)
         result = fit(runs, bootstrap=args.bootstrap, label=args.label, workers=args.workers,
                      huber_delta=args.huber_delta, progress=not args.quiet)
     except FitError as e:

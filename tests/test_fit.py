@@ -229,3 +229,16 @@ def test_fit_command_options(tmp_path):
     for bad in (["--bootstrap", "-1"], ["--workers", "two"]):
         with pytest.raises(SystemExit):
             fit.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "x.json"), *bad])
+
+
+def test_read_results_keeps_one_schedule(tmp_path):
+    rows = [dict(N=1e6, D_fp=8e6, D_qat=2e6, B=2, final_val_loss=3.0, schedule="separate"),
+            dict(N=1e6, D_fp=8e6, D_qat=2e6, B=2, final_val_loss=2.9, schedule="fused"),
+            dict(N=1e6, D_fp=1e7, D_qat=0, B=None, final_val_loss=2.8)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(fit.read_results(path).loss) == [3.0, 2.9, 2.8]
+    assert list(fit.read_results(path, schedule="fused").loss) == [2.9, 2.8]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    with pytest.raises(fit.FitError, match="no results of schedule cosine"):
+        fit.read_results(path, schedule="cosine")
