@@ -579,21 +579,24 @@ def plot(result: FitResult, runs: Runs, out: Path) -> List[Path]:
         plt.close(fig)
         paths.append(out / name)
 
-    groups = result.groups[:12]
-    if groups:
-        cols = min(4, len(groups))
-        rows = math.ceil(len(groups) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    if result.groups:  # one panel per (N, B); a colour per token budget, the law's curve beside its runs
+        sizes, widths = sorted({g["N"] for g in result.groups}), sorted({g["B"] for g in result.groups})
+        budgets = sorted({g["D_total"] for g in result.groups})
+        colour = dict(zip(budgets, plt.cm.viridis(np.linspace(0, 0.85, len(budgets)))))
+        fig, axes = plt.subplots(len(sizes), len(widths), figsize=(3.6 * len(widths), 2.8 * len(sizes)), squeeze=False)
         f = np.linspace(0.01, 0.99, 200)
-        for ax, g in zip(axes.flat, groups):
-            idx = g["runs"]
-            ax.plot(runs.d_qat[idx] / (runs.d_fp[idx] + runs.d_qat[idx]), runs.loss[idx], "o", label="runs")
-            ax.plot(f, plan.loss_at_fraction(law, g["N"], g["D_total"], g["B"], f), "-", label="law")
-            ax.set_title(f"N={g['N']:.2g} D={g['D_total']:.2g} B={g['B']:g}", fontsize=8)
-            ax.set_xlabel("QAT fraction")
-        for ax in list(axes.flat)[len(groups):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        for g in result.groups:
+            ax, idx = axes[sizes.index(g["N"]), widths.index(g["B"])], g["runs"]
+            c = colour[g["D_total"]]
+            ax.plot(runs.d_qat[idx] / (runs.d_fp[idx] + runs.d_qat[idx]), runs.loss[idx], "o", color=c, ms=4)
+            ax.plot(f, plan.loss_at_fraction(law, g["N"], g["D_total"], g["B"], f), "-", color=c, label=f"D={g['D_total']:.3g}")
+            ax.set_title(f"N={g['N']:.3g}, B={g['B']:g}", fontsize=9)
+            ax.set_xlabel("QAT fraction", fontsize=8)
+        for ax in axes.flat:
+            if not ax.lines:
+                ax.axis("off")
+            else:
+                ax.legend(fontsize=6)
         save(fig, "loss_vs_fraction.png")
 
     s = np.geomspace(2, 1e6, 200)
