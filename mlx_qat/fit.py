@@ -435,6 +435,15 @@ def fit_predictor_constant(groups: List[dict]) -> Optional[float]:
     return float(res.x)
 
 
+def s_total_range(runs: Runs) -> Optional[List[float]]:
+    """[min, max] S_total of the QAT runs: where the law was fitted (planning warns outside it)."""
+    qat = runs.is_qat
+    if not qat.any():
+        return None
+    s = scaling.tokens_per_param_byte(runs.d_fp[qat] + runs.d_qat[qat], runs.n[qat], runs.bits[qat])
+    return [float(s.min()), float(s.max())]
+
+
 DEFAULT_BOOTSTRAP = 100
 
 
@@ -519,7 +528,7 @@ def fit(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, label: st
         warnings.warn(f"the law explains little of the data (R² = {result.r2:.3f}); check the results file", stacklevel=2)
     meta = {"label": label, "n_runs": len(runs), "r2": result.r2, "r2_by_bits": result.r2_by_bits, "ci95": ci,
             "bootstrap": bootstrap, "bootstrap_not_converged": failed, "huber_delta": result.huber_delta,
-            "predictor_a": result.predictor_a, "converged": ok}
+            "predictor_a": result.predictor_a, "converged": ok, "S_total_range": s_total_range(runs)}
     result.law = Law.from_vector(p, meta=meta)
     return result
 

@@ -162,6 +162,8 @@ def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], frac
         "chosen_fraction": {"fraction": fraction, "loss": float(loss_at_fraction(law, n_params, tokens, bits, fraction)),
                             "wasted_tokens": wasted_tokens(law, n_params, tokens, bits, fraction)},
         "label": law.meta.get("label", ""),
+        "S_total_range": law.meta.get("S_total_range"),
+        "outside_fitted_range": outside_fitted_range(law, s_total),
         "memory_bytes": memory,
         "best_bits_fixed_tokens": [c.__dict__ for c in best_bits(law, memory, tokens)],
         "best_bits_fixed_compute": [c.__dict__ for c in best_bits(law, memory, tokens, compute=compute)],
@@ -171,6 +173,14 @@ def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], frac
         ],
     }
     return out
+
+
+FAR_OUTSIDE = 10  # a query this many times beyond the fitted S_total range is an extrapolation
+
+
+def outside_fitted_range(law: Law, s_total: float) -> bool:
+    fitted = law.meta.get("S_total_range")
+    return bool(fitted) and not fitted[0] / FAR_OUTSIDE <= s_total <= fitted[1] * FAR_OUTSIDE
 
 
 def _fmt_tokens(x: Optional[float]) -> str:
@@ -194,6 +204,13 @@ def format_answer(ans: Dict) -> str:
         f"law{' (' + law['label'] + ')' if law['label'] else ''}: optimal QAT fraction {law['optimal_fraction']:.3f}, "
         f"predicted loss {law['loss']:.4f} (full precision: {law['fp_loss']:.4f})",
         f"QAT fraction {c['fraction']:g}: loss {c['loss']:.4f}, wastes {waste} versus the optimum",
+    ]
+    if law["S_total_range"]:
+        lo, hi = law["S_total_range"]
+        lines.append(f"(fitted on S_total {lo:.3g}–{hi:.3g}"
+                     + (f"; warning: S_total = {ans['S_total']:.3g} is far outside it, so this is an extrapolation)"
+                        if law["outside_fitted_range"] else ")"))
+    lines += [
         "",
         f"best bit width for {law['memory_bytes'] / 1e9:.3g} GB of weights:",
         f"  {'bits':>5} {'params':>10} {'tokens':>10} {'f*':>6} {'loss':>8}   {'params':>10} {'tokens':>10} {'f*':>6} {'loss':>8}",

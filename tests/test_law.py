@@ -174,3 +174,11 @@ def test_plan_argument_errors(capsys, tmp_path):
 
 def test_parse_size():
     assert plan.parse_size("2GB") == 2e9 and plan.parse_size("512MiB") == 512 * 2**20 and plan.parse_size("1.5e9") == 1.5e9
+
+
+def test_plan_says_where_the_law_was_fitted_and_warns_far_outside():
+    law = Law.from_vector(TRUTHS[0].to_vector(), meta={"label": "local", "S_total_range": [1.0, 50.0]})
+    inside = plan.format_answer(plan.answer(1e6, 1e8, 2, law))  # S_total = 400: within 10x of the range
+    assert "fitted on S_total 1–50)" in inside and "warning" not in inside
+    far = plan.answer(1e6, 1e11, 2, law)  # S_total = 4e5
+    assert far["law"]["outside_fitted_range"] and "is far outside it" in plan.format_answer(far)
