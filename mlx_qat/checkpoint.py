@@ -99,10 +99,13 @@ def load_model(path: Path) -> Tuple[nn.Module, dict]:
     """(model, meta): the checkpoint's model rebuilt from its own description, weights loaded."""
     meta = read_meta(path)
     model = models.from_config(meta["model_config"])
-    if meta["qat_specs"]:
-        to_qat(model, specs(meta))
     try:
-        model.load_weights(str(Path(path) / "model.safetensors"), strict=True)
+        weights = mx.load(str(Path(path) / "model.safetensors"))
+        if hasattr(model, "sanitize"):  # as mlx_lm.load does: e.g. a tied gemma3_text drops its lm_head here
+            model.sanitize(dict(weights))
+        if meta["qat_specs"]:
+            to_qat(model, specs(meta))
+        model.load_weights(list(weights.items()), strict=True)
     except (ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot load {path} ({e}); the checkpoint is corrupt") from e
     return model, meta

@@ -22,6 +22,15 @@ from .schedule import SCHEDULES
 # The keys of export.SCALES_DTYPES, named here so that reading a config does not import export.
 SCALES_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 MIN_VOCAB_SIZE = 260  # byte fallback alone needs 256 byte pieces + <unk>, <s>, </s>
+LOSSES = ("ce", "distill")
+COMPARISONS = ("dwq",)
+# A pretrained start fine-tunes, so the keys the user leaves unset change: QAT from token 0 (the
+# model is trained already), a 2% warmup (only Adam's moments need it), and a learning rate of
+# 1e-4. Why 1e-4: Adam moves a weight by about the learning rate per step, so 1,000 steps move it
+# up to ~0.1: across a 4-bit grid step of SmolLM2-135M's weights (group max |w| ~0.5, step
+# ~0.5/7) and through a good part of a 2-bit one (~0.25); 2e-5, usual for full fine-tuning,
+# would move 5x less, and the presets' 3e-3 is a pretraining peak that throws a trained model off.
+PRETRAINED_DEFAULTS = {"qat_fraction": 1.0, "warmup": 0.02, "learning_rate": 1e-4}
 
 
 # ---------------------------------------------------------------- coercion by declared type
@@ -109,12 +118,15 @@ class TrainConfig:
     # data: a prepared dataset directory, or inputs to prepare (see mlx_qat.data)
     data: Union[str, List[str]] = key("builtin", "prepared dir, or files/dirs/globs/hf:NAME/builtin",
                                       "a path, glob, hf:NAME or builtin, or a non-empty list of them", coerce=_data_inputs)
-    vocab_size: int = key(2048, "tokenizer vocabulary when preparing data",
+    vocab_size: int = key(2048, "tokenizer vocabulary when preparing data; ignored with `pretrained`",
                           f"an integer >= {MIN_VOCAB_SIZE} (byte fallback needs 259 pieces), e.g. 2048", lambda v: v >= MIN_VOCAB_SIZE)
     data_cache: str = key("~/.cache/mlx_qat/data", "where prepared data is kept", "a directory path", bool)
     # model (checked in validate: it needs vocab_size)
-    model: Any = key("tiny", "a preset (tiny, small, base) or a dict of llama arguments",
+    model: Any = key("tiny", "a preset (tiny, small, base) or a dict of llama arguments; ignored with `pretrained`",
                      "a preset (tiny, small, base) or a mapping of llama arguments", coerce=lambda v: v)
+    pretrained: Optional[str] = key(None, "start from this pretrained model (mlx-lm/HF directory or llama .gguf; "
+                                    "--init-from MODEL sets it): its architecture and tokenizer replace model/vocab_size",
+                                    "null or the path of a model directory or .gguf file", bool)
     # tokens and batches
     total_tokens: int = key(2_000_000, "D_total: tokens of FP + QAT training", "a positive integer, e.g. 2e6", positive)
     batch_size: int = key(16, "sequences per step", "a positive integer, e.g. 16", positive)
@@ -134,6 +146,16 @@ class TrainConfig:
     qat_fraction: Union[float, str] = key("auto", "f = D_qat / D_total in [0, 1], or auto (the paper's predictor)",
                                           "a number in [0, 1] or auto", lambda v: v == "auto" or fraction(v), _fraction_or_auto)
     keep_optimizer_state: bool = key(True, "keep the weights' Adam state across the FP->QAT switch", "true or false")
+    # the training loss (validation is always next-token cross-entropy)
+    loss: str = key("ce", "ce (next-token cross-entropy) or distill (KL to the frozen starting model; needs pretrained)",
+                    f"one of {', '.join(LOSSES)}", lambda v: v in LOSSES)
+    kl_weight: float = key(1.0, "distill: loss = kl_weight * KL + (1 - kl_weight) * CE",
+                           "a number in [0, 1] (1: KL only), e.g. 1.0", fraction)
+    # memory
+    grad_checkpoint: bool = key(False, "recompute each transformer block in the backward pass (less activation memory)",
+                                "true or false")
+    freeze_embedding: bool = key(False, "keep the embedding and LM head weights fixed (still fake-quantized; their α learns)",
+                                 "true or false")
     # schedule
     schedule: str = key("separate", "separate or fused (cooldown & QAT fusion)", f"one of {', '.join(SCHEDULES)}",
                         lambda v: v in SCHEDULES)
@@ -155,6 +177,11 @@ class TrainConfig:
                                  "a list of positive token counts, e.g. [5e5, 1e6]", lambda v: all(map(positive, v)), _token_counts)
     export_scales: str = key("float32", "dtype of exported scales: float32 (lossless), float16, bfloat16",
                              f"one of {', '.join(SCALES_DTYPE_NAMES)}", lambda v: v in SCALES_DTYPE_NAMES)
+    # baselines at the end of a pretrained start (the starting model and its PTQ are always evaluated)
+    compare: List[str] = key(list, "more baselines for a pretrained start: [dwq] (mlx-lm's DWQ on the run's tokens)",
+                             f"a list of {', '.join(COMPARISONS)}, e.g. [dwq]", lambda v: set(v) <= set(COMPARISONS))
+    dwq_learning_rate: float = key(1e-6, "learning rate of the DWQ baseline (mlx_lm.dwq's default)",
+                                   "a positive number, e.g. 1e-6", positive)
 
     def __post_init__(self):
         self.validate()
@@ -177,7 +204,12 @@ class TrainConfig:
         if off_step:
             raise ValueError(f"snapshot_at={off_step} are not step boundaries; use multiples of batch_size * seq_len = "
                              f"{self.tokens_per_step} tokens")
-        self._check_model()
+        if self.pretrained is None:
+            self._check_model()  # with a pretrained start, the model is the pretrained one
+            needs = [k for k, v in (("loss: distill", self.loss == "distill"), ("compare", self.compare)) if v]
+            if needs:
+                raise ValueError(f"{needs[0]} needs a pretrained start (the starting model is the teacher/baseline): "
+                                 "pass --init-from MODEL, or drop it")
 
     def _check_model(self) -> None:
         from .model import model_args  # mlx_lm is slow to import; only a real config needs it
@@ -237,6 +269,19 @@ def _yaml(text: str, where: str):
         raise ValueError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
+def default(key: str):
+    """The default of a config key (for a from-scratch run)."""
+    f = FIELDS[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def resolve(values: dict) -> TrainConfig:
+    """The config of `values` (the keys the user set): a pretrained start takes PRETRAINED_DEFAULTS
+    for the keys it leaves unset."""
+    start = PRETRAINED_DEFAULTS if values.get("pretrained") is not None else {}
+    return TrainConfig(**{**start, **values})
+
+
 def load(path: Optional[Path] = None, overrides: Optional[dict] = None) -> TrainConfig:
     """A config from a YAML file, with `overrides` (from flags) taking precedence."""
     values = {}
@@ -250,7 +295,7 @@ def load(path: Optional[Path] = None, overrides: Optional[dict] = None) -> Train
         check_keys(values, str(path))
     overrides = overrides or {}
     check_keys(overrides, "the command line")
-    return TrainConfig(**{**values, **overrides})
+    return resolve({**values, **overrides})
 
 
 def parse_overrides(args: Sequence[str]) -> dict:
@@ -273,8 +318,9 @@ def describe_keys() -> str:
     """Help text listing every key with its default."""
     lines = []
     for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines.append(f"  --{f.name.replace('_', '-'):<22} {f.metadata['help']} (default: {default!r})")
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {f.metadata['help']} (default: {default(f.name)!r})")
+    start = ", ".join(f"{k}: {v:g}" for k, v in PRETRAINED_DEFAULTS.items())
+    lines.append(f"\na pretrained start (--init-from MODEL) changes the defaults of the keys you leave unset to {start}")
     return "\n".join(lines)
 
 

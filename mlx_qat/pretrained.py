@@ -23,10 +23,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.gguf import TokenType, translate_weight_names
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import _get_classes, dequantize_model, load_config, load_model, load_tokenizer
+from safetensors import safe_open
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from .layers import quant_specs
+from .layers import is_learned_scale, quant_specs
 from .quantizers import QuantSpec
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
@@ -62,6 +63,12 @@ def load(path: Union[str, Path], dtype: mx.Dtype = mx.float32) -> Pretrained:
     raise ValueError(f"{path} {what}: pass an mlx-lm / Hugging Face model directory or a llama .gguf file")
 
 
+def is_model(path: Union[str, Path]) -> bool:
+    """Whether `path` looks like what `load` reads (it may still refuse it)."""
+    path = Path(path)
+    return (path.is_file() and path.suffix == ".gguf") or (path / "config.json").is_file()
+
+
 def export_config(pretrained: Pretrained, model: nn.Module) -> dict:
     """The config.json dict for exporting `model` (trained from `pretrained`): the original
     fields, so the export keeps the model's identity; `export` adds this run's `quantization`."""
@@ -79,6 +86,7 @@ def _load_directory(path: Path, dtype: mx.Dtype) -> Pretrained:
     name = _architecture(config, path)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ValueError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): copy the model's tokenizer files in")
+    _check_not_qat(path)
     try:
         model, config = load_model(path, lazy=True)  # mlx-lm builds it, packed layers included; read lazily
     except FileNotFoundError:
@@ -102,6 +110,16 @@ def _architecture(config: dict, path: Path) -> str:
         raise ValueError(f"{path}/config.json names model_type {name!r}, which mlx_lm.models does not implement: "
                          "use a model of an mlx-lm architecture (llama, qwen2, qwen3, mistral, gemma, phi3, ...)") from None
     return name
+
+
+def _check_not_qat(path: Path) -> None:
+    """Refuse weights saved in QAT form (with learned scales α): they are a run's, not a model's."""
+    for f in sorted(path.glob("model*.safetensors")):
+        with safe_open(str(f), framework="numpy") as weights:
+            scale = next((k for k in weights.keys() if is_learned_scale(k)), None)
+        if scale is not None:
+            raise ValueError(f"{path} holds a model in QAT form ({scale} is a learned scale α): export it with "
+                             "`python -m mlx_qat.export`, or continue its run with --init-from its checkpoint")
 
 
 def _check_layers(model: nn.Module, name: str) -> None:

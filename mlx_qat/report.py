@@ -27,9 +27,11 @@ def _event_loss(records: List[dict], event: str) -> Optional[float]:
     return next((r["val_loss"] for r in records if r.get("event") == event), None)
 
 
-def summary(plan, records, final_loss, exported_loss, exported, train_seconds, cfg) -> dict:
+def summary(plan, records, final_loss, exported_loss, exported, train_seconds, cfg, peak_memory=None) -> dict:
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     return {
+        "pretrained": cfg.pretrained,
+        "loss": cfg.loss,
         "N": plan.n_params,
         "D_fp": plan.fp_tokens,
         "D_qat": plan.qat_tokens,
@@ -46,6 +48,7 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
         "size_bytes": exported.size_bytes,
         "train_seconds": train_seconds,
         "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+        "peak_memory_bytes": peak_memory,  # mx.get_peak_memory() over the run, to the final validation
         "model": str(exported.path),
     }
 
@@ -54,11 +57,23 @@ def write_summary(out: Path, summary: dict) -> None:
     atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
 
 
+# The baselines of a pretrained start (mlx_qat.baselines), shown where the summary has them.
+BASELINE_ROWS = (("val loss, starting model", "reference_val_loss"), ("val loss, PTQ (round to nearest)", "ptq_val_loss"),
+                 ("val loss, DWQ", "dwq_val_loss"))
+
+
 def format_summary(s: dict) -> str:
     def fmt(v, spec=""):
         return "-" if v is None else format(v, spec)
 
-    rows = [
+    start = [("started from", s["pretrained"])] if s.get("pretrained") else []
+    if s.get("loss") == "distill":
+        start.append(("training loss", "distillation from the starting model"))
+    baselines = [(label, fmt(s[k], ".4f")) for label, k in BASELINE_ROWS if k in s]
+    if s.get("ptq_note"):
+        baselines.append(("", s["ptq_note"]))
+    peak = s.get("peak_memory_bytes")
+    rows = start + [
         ("params N", f"{s['N']:,}"),
         ("D_fp / D_qat", f"{s['D_fp']:,} / {s['D_qat']:,} tokens"),
         ("bits B", fmt(s["B"])),
@@ -67,10 +82,12 @@ def format_summary(s: dict) -> str:
         ("val loss, end of FP", fmt(s["fp_val_loss"], ".4f")),
         ("val loss, end of QAT", fmt(s["final_val_loss"], ".4f") if s["B"] else "-"),
         ("val loss, exported", fmt(s["exported_val_loss"], ".4f")),
+        *baselines,
         ("bits per weight", f"{s['bits_per_weight']:.3f}"),
         ("size on disk", f"{s['size_bytes'] / 2**20:.2f} MiB"),
         ("wall time", f"{s['train_seconds']:.1f} s"),
         ("tokens/s", fmt(s["tokens_per_s"], ",.0f")),
+        ("peak memory", "-" if peak is None else f"{peak / 2**20:,.1f} MiB"),
         ("model", s["model"]),
     ]
     width = max(len(k) for k, _ in rows)

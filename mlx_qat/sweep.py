@@ -54,6 +54,9 @@ SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
 BRANCH_KEYS = {"total_tokens", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
                "cooldown_tokens", "keep_optimizer_state", "export_scales", "snapshot_at"}
 SET_BY_SWEEP = {"snapshot_at"}
+# Keys newer than the first sweeps: left out of a trunk's key at their defaults, so that a sweep
+# resumed under this version finds the trunks it trained before.
+NEWER_KEYS = {"pretrained", "loss", "kl_weight", "grad_checkpoint", "freeze_embedding", "compare", "dwq_learning_rate"}
 
 
 class SweepError(ValueError):
@@ -158,13 +161,18 @@ def expand(base: dict, grids: List[dict], fp_baselines: bool) -> List[Run]:
 
 def _config(values: dict, name: str) -> config.TrainConfig:
     try:
-        return config.TrainConfig(**values)
+        cfg = config.TrainConfig(**values)
     except (TypeError, ValueError) as e:
         raise SweepError(f"run {name}: {e}") from e
+    if cfg.pretrained is not None:
+        raise SweepError(f"run {name}: sweeps train from scratch; start from a pretrained model with "
+                         "`python -m mlx_qat.train --init-from MODEL`, one run at a time")
+    return cfg
 
 
 def trunk_key(cfg: config.TrainConfig) -> str:
-    shared = {k: v for k, v in cfg.to_dict().items() if k not in BRANCH_KEYS}
+    shared = {k: v for k, v in cfg.to_dict().items()
+              if k not in BRANCH_KEYS and not (k in NEWER_KEYS and v == config.default(k))}
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -314,7 +322,7 @@ def run_sweep(sweep: Sweep) -> dict:
             done[run.name] = result_record(run, summary)
             atomic.append_line(sweep.results_path, json.dumps(done[run.name]))
 
-    for trunk in sorted(sweep.trunks, key=tokens_of):  # the cheapest first: early results to fit
+    for trunk in sorted(sweep.trunks, key=lambda t: -len(t.runs) / tokens_of(t)):  # most runs per token first: early results to fit
         todo = [r for r in trunk.runs if r.name not in done]
         if not todo:
             continue

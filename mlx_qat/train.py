@@ -13,6 +13,12 @@ f̂ = exp(−6.7297 / ln S_total), S_total = D_total / (N · B/8) tokens per par
 --resume continues a killed run from its rolling checkpoint. --init-from starts a *new* run from
 a snapshot or checkpoint of another one (weights, α, optimizer state, token count) and trains
 on to this run's plan: runs that share a trajectory up to token T branch there.
+
+--init-from MODEL, an mlx-lm / Hugging Face model directory or a llama .gguf file (anything
+without meta.json), starts from a pretrained model instead (the config key `pretrained`): the run's
+model is that model, its tokenizer tokenizes the data, unset keys take fine-tuning defaults, the
+loss may be distillation from the starting model, and the run ends by comparing itself with the
+starting model and its post-training quantization (mlx_qat.baselines).
 """
 
 import argparse
@@ -34,9 +40,13 @@ import mlx.optimizers as optim  # noqa: E402
 import mlx_lm  # noqa: E402
 import yaml  # noqa: E402
 
-from . import atomic, checkpoint, config, data, distributed, export, law, model as models, report  # noqa: E402
+from mlx_lm.tuner.trainer import grad_checkpoint  # noqa: E402
+
+from . import atomic, baselines, checkpoint, config, data, distributed, export, law  # noqa: E402
+from . import model as models, pretrained, report  # noqa: E402
+from .distill import make_distill_loss  # noqa: E402
 from .evaluate import evaluate, loss_fn  # noqa: E402
-from .layers import is_learned_scale, quant_specs, to_qat  # noqa: E402
+from .layers import QATEmbedding, is_learned_scale, quant_specs, to_qat  # noqa: E402
 from .monitor import Monitor, TrainingError  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 
@@ -93,17 +103,59 @@ def plan_run(cfg: config.TrainConfig, n_params: int) -> RunPlan:
 # ---------------------------------------------------------------- data, model, optimizer, step
 
 
-def load_data(cfg: config.TrainConfig) -> data.TokenData:
-    """The prepared dataset named by `cfg.data`, preparing (and caching) it if needed."""
+def load_data(cfg: config.TrainConfig, tokenizer=None) -> data.TokenData:
+    """The prepared dataset named by `cfg.data`, preparing (and caching) it if needed: with a
+    trained sentencepiece tokenizer, or with a pretrained model's `tokenizer` when given."""
     inputs = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
     if len(inputs) == 1 and (Path(inputs[0]) / data.MANIFEST).exists():
+        if tokenizer is not None:
+            data.check_prepared_with(Path(inputs[0]), tokenizer)
         return data.TokenData.load(Path(inputs[0]))
-    # Named by the inputs' content hashes, so a complete directory here is already the right one.
-    key = hashlib.sha256(json.dumps([data.fingerprint(inputs), cfg.vocab_size]).encode()).hexdigest()[:16]
+    # Named by the inputs' content hashes (and the tokenizer), so a complete directory here is already the right one.
+    if tokenizer is None:
+        request, prepare = [data.fingerprint(inputs), cfg.vocab_size], partial(data.prepare, inputs, cfg.vocab_size)
+    else:
+        request, prepare = data.pretrained_request(inputs, tokenizer), partial(data.prepare_with, tokenizer, inputs)
+    key = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
     cache = Path(os.path.expanduser(cfg.data_cache)) / key
     if not (cache / data.MANIFEST).exists():
-        data.prepare(inputs, cfg.vocab_size, cache)
+        prepare(cache)
     return data.TokenData.load(cache)
+
+
+def load_start(cfg: config.TrainConfig) -> Optional[pretrained.Pretrained]:
+    """The pretrained model a run starts from (None from scratch); its refusals come before any weight is read."""
+    return pretrained.load(cfg.pretrained) if cfg.pretrained is not None else None
+
+
+def make_loss(cfg: config.TrainConfig) -> Callable:
+    """The training loss, decided here only: next-token cross-entropy, or distillation from the
+    starting model, loaded a second time and frozen (arrays of its own: the compiled step
+    refuses a captured array that is also one of its inputs, as the student's weights are)."""
+    if cfg.loss == "distill":
+        teacher = load_start(cfg).model
+        teacher.freeze()
+        return make_distill_loss(teacher, cfg.kl_weight)
+    return loss_fn
+
+
+CHECKPOINTED = set()  # block classes patched by mlx-lm's grad_checkpoint, which patches the class itself
+
+
+def save_memory(model: nn.Module, cfg: config.TrainConfig) -> None:
+    """The memory options, applied to the model as it is now (again after the switch, whose QAT
+    layers are new modules): gradient checkpointing of the transformer blocks, and the
+    embedding/LM head weights frozen (their α, in QAT form, still learns: 1/group_size of the
+    weights, and the grid keeps adapting to the fixed weights)."""
+    if cfg.grad_checkpoint:
+        for block in model.layers:
+            if type(block) not in CHECKPOINTED:
+                grad_checkpoint(block)
+                CHECKPOINTED.add(type(block))
+    if cfg.freeze_embedding:
+        for path, m in model.named_modules():
+            if isinstance(m, (nn.Embedding, QATEmbedding)) or path.rsplit(".", 1)[-1] == "lm_head":
+                m.freeze(keys=["weight"], recurse=False)
 
 
 def make_optimizer(cfg: config.TrainConfig) -> optim.MultiOptimizer:
@@ -128,12 +180,14 @@ def keep_freed_buffers() -> None:
         mx.set_cache_limit(max(mx.get_memory_limit() // 4, 32 << 20))
 
 
-def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, group=None) -> Callable:
+def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, group=None,
+                    loss: Callable = loss_fn) -> Callable:
     """One compiled step: forward, backward, gradients averaged over the ranks (if several),
     clip, AdamW update; it returns the loss of the global batch. Rebuilt by `switch_to_qat`,
-    when the model's layers (and so its state) change."""
+    when the model's layers (and so its state) change. `loss` comes from `make_loss`; a
+    distillation teacher it reads is frozen, so the compiled step may capture it as a constant."""
     optimizer.init(model.trainable_parameters())
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state]
     ranks = 1 if group is None else group.size()
 
@@ -152,16 +206,17 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: flo
 
 
 def switch_to_qat(model: nn.Module, optimizer: optim.MultiOptimizer, cfg: config.TrainConfig, specs=None,
-                  group=None) -> Callable:
+                  group=None, loss: Callable = loss_fn) -> Callable:
     """The one FP -> QAT moment, wherever a model enters its QAT form (at D_fp, at step 0, or
     to restore a QAT checkpoint): swap in QAT layers (α from the weights the model holds now;
     `specs` default to the config's policy), optionally forget the weights' Adam state, and
     return the step recompiled for the new layers."""
     to_qat(model, specs if specs is not None else quant_specs(model, cfg.spec, cfg.embedding_spec))
+    save_memory(model, cfg)
     if not cfg.keep_optimizer_state:  # keep the step count and learning rate, drop the moments
         for sub in optimizer.optimizers:
             sub.state = {k: v for k, v in sub.state.items() if k in ("step", "learning_rate")}
-    return make_train_step(model, optimizer, cfg.grad_clip, group)
+    return make_train_step(model, optimizer, cfg.grad_clip, group, loss)
 
 
 @dataclass
@@ -177,21 +232,31 @@ class RunState:
     group: Optional[mx.distributed.Group] = None
     step: int = 0
     phase: str = "fp"
+    loss: Callable = loss_fn
 
 
-def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None) -> RunState:
-    model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
-    plan = plan_run(cfg, models.num_params(model))
+def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None,
+          start: Optional[pretrained.Pretrained] = None) -> RunState:
+    """The run's model (the pretrained one, or a fresh one of `cfg.model`), plan, schedule, loss and step."""
+    if start is not None:
+        model = start.model
+    else:
+        model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
+    plan = plan_run(cfg, models.num_params(model))  # before freezing: N counts every weight
     schedule = Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
                         cfg.warmup_tokens, cfg.cooldown_tokens)
+    loss = make_loss(cfg)
+    save_memory(model, cfg)
     optimizer = make_optimizer(cfg)
-    return RunState(cfg, plan, schedule, model, optimizer, make_train_step(model, optimizer, cfg.grad_clip, group), group)
+    step = make_train_step(model, optimizer, cfg.grad_clip, group, loss)
+    return RunState(cfg, plan, schedule, model, optimizer, step, group, loss=loss)
 
 
 # ---------------------------------------------------------------- where a run starts
 
 
-RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at"}
+# grad_checkpoint trades memory for compute without changing a number, so a resumed run may turn it on.
+RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at", "grad_checkpoint"}
 
 
 def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: Optional[Path],
@@ -203,6 +268,9 @@ def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: 
     if not resume:
         if writer and out.exists() and any(out.iterdir()):
             raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+        if init_from is not None and pretrained.is_model(init_from) and not (init_from / "meta.json").exists():
+            raise TrainingError(f"{init_from} is a pretrained model, not a checkpoint: start from it with the config key "
+                                "`pretrained` (config.resolve applies its defaults), as --init-from does on the command line")
         if init_from is not None:
             checkpoint.read_meta(init_from)  # it must be a checkpoint or snapshot
         return init_from
@@ -215,7 +283,8 @@ def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: 
             f"{cfg.checkpoint_every}); start it again with a new --out, or delete {out}"
         )
     saved = checkpoint.read_meta(path)["config"]
-    changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE}
+    saved = {k: saved.get(k, config.default(k)) for k in config.FIELDS}  # keys newer than the run: their defaults
+    changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if saved[k] != v and k not in RESUME_MAY_CHANGE}
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise TrainingError(f"the config differs from the run in {out} ({diff}); resume without --config, or use a new --out")
@@ -226,7 +295,9 @@ def check_branch(state: RunState, meta: dict, path: Path) -> int:
     """The step at which this run takes over the checkpoint at `path`, or a clear error."""
     plan, tokens = state.plan, meta["tokens"]
     if meta["model_config"] != models.config_dict(state.model):
-        raise TrainingError(f"{path} holds another model than this run's; branch from a run with the same model and data")
+        source = meta["config"].get("pretrained")
+        hint = f" (it started from {source}: pass --pretrained {source})" if source and not state.cfg.pretrained else ""
+        raise TrainingError(f"{path} holds another model than this run's{hint}; branch from a run with the same model and data")
     if tokens % plan.tokens_per_step or tokens > plan.total_tokens:
         raise TrainingError(f"{path} was taken at {tokens:,} tokens, which is not a step boundary of this run "
                             f"({plan.tokens_per_step:,} tokens per step, {plan.total_tokens:,} in all)")
@@ -248,7 +319,8 @@ def start_from(state: RunState, path: Path, out: Path) -> None:
     meta = checkpoint.read_meta(path)
     step = check_branch(state, meta, path)
     if meta["phase"] == "qat":
-        state.step_fn = switch_to_qat(state.model, state.optimizer, state.cfg, checkpoint.specs(meta), state.group)
+        state.step_fn = switch_to_qat(state.model, state.optimizer, state.cfg, checkpoint.specs(meta), state.group,
+                                      state.loss)
         state.phase = "qat"
     checkpoint.restore(path, state.model, state.optimizer)
     state.step = step
@@ -273,49 +345,66 @@ def train_range(state: RunState, end: int, dataset: data.TokenData, monitor: Mon
         monitor.after_step(state, loss, lr)
 
 
+def export_model(state: RunState, path: Path, dataset: data.TokenData,
+                 start: Optional[pretrained.Pretrained]) -> export.ExportReport:
+    """The trained model as an mlx-lm directory; from a pretrained start it keeps that model's
+    config.json (architecture, rope, eos ids) and its tokenizer (chat template included)."""
+    tokenizer = start.tokenizer if start is not None else dataset.path
+    base = pretrained.export_config(start, state.model) if start is not None else None
+    if state.phase == "qat":
+        return export.export(state.model, path, tokenizer=tokenizer, scales_dtype=state.cfg.export_scales,
+                             overwrite=True, base_config=base)
+    return export.export_fp(state.model, path, tokenizer=tokenizer, overwrite=True, base_config=base)
+
+
 def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor, val_batches: Callable,
-           train_seconds: float) -> Optional[dict]:
-    """Final validation, then (on the writer) export, the export's validation through
-    mlx_lm.load, plot and summary. Other ranks return None."""
+           train_seconds: float, start: Optional[pretrained.Pretrained] = None) -> Optional[dict]:
+    """Final validation and the peak memory of training; (on the writer) export and the
+    export's validation through mlx_lm.load; from a pretrained start, the baselines (on every
+    rank: they validate together); then (on the writer) plot and summary. Other ranks return None."""
     final_loss = evaluate(state.model, val_batches(), state.group)
     monitor.end_of_phase(state, final_loss)
+    peak_memory = mx.get_peak_memory()
+    if monitor.writer:  # the run's own result first
+        exported = export_model(state, out / "model", dataset, start)
+        exported_loss = evaluate(mlx_lm.load(str(exported.path))[0], val_batches())
+    compared = {} if start is None else baselines.compare(state.cfg, dataset, val_batches, state.plan.total_steps,
+                                                          state.group)
     if not monitor.writer:
         return None
-    model_dir = out / "model"
-    if state.phase == "qat":
-        exported = export.export(state.model, model_dir, tokenizer=dataset.path, scales_dtype=state.cfg.export_scales, overwrite=True)
-    else:
-        exported = export.export_fp(state.model, model_dir, tokenizer=dataset.path, overwrite=True)
-    loaded, _ = mlx_lm.load(str(model_dir))
-    exported_loss = evaluate(loaded, val_batches())
 
     records = monitor.metrics.read()
     plan = state.plan
     report.plot(records, plan.fp_tokens if plan.qat_steps else None, out / "loss.png")
-    summary = report.summary(plan, records, final_loss, exported_loss, exported, train_seconds, state.cfg)
+    summary = report.summary(plan, records, final_loss, exported_loss, exported, train_seconds, state.cfg, peak_memory)
+    summary.update(compared)
     report.write_summary(out, summary)  # last: its presence marks the run finished
     return summary
 
 
-def begin(cfg: config.TrainConfig, out: Path, resume: bool, init_from: Optional[Path], group) -> Tuple[RunState, data.TokenData]:
-    """Everything before the first step: the checks (agreed on by every rank), the data (rank 0
-    first, so that ranks sharing a cache prepare it once), the model, and the checkpoint this
-    run starts from."""
+def begin(cfg: config.TrainConfig, out: Path, resume: bool, init_from: Optional[Path],
+          group) -> Tuple[RunState, data.TokenData, Optional[pretrained.Pretrained]]:
+    """Everything before the first step: the checks (agreed on by every rank), the pretrained
+    model if the run starts from one (its tokenizer tokenizes the data), the data (rank 0 first,
+    so that ranks sharing a cache prepare it once), the model, and the checkpoint this run
+    starts from."""
     writer = distributed.is_writer(group)
     distributed.check_same_config(group, dict(cfg=cfg.to_dict(), out=str(out), resume=resume, init_from=str(init_from)))
     distributed.together(group, distributed.check_batch, cfg.batch_size, group)
     source = distributed.together(group, starting_point, out, cfg, resume, init_from, writer)
+    start = distributed.together(group, load_start, cfg)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
     keep_freed_buffers()
-    first = distributed.together(group, lambda: load_data(cfg) if writer else None)
-    dataset = distributed.together(group, lambda: first if first is not None else load_data(cfg))
-    state = setup(cfg, dataset, group)
+    tokenizer = start.tokenizer if start is not None else None
+    first = distributed.together(group, lambda: load_data(cfg, tokenizer) if writer else None)
+    dataset = distributed.together(group, lambda: first if first is not None else load_data(cfg, tokenizer))
+    state = setup(cfg, dataset, group, start)
     if source is not None:
         distributed.together(group, start_from, state, source, out)
     if writer:
         atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return state, dataset
+    return state, dataset, start
 
 
 def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Optional[Path] = None,
@@ -329,7 +418,8 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Opt
         if writer:
             print(f"the run in {out} is finished; nothing to do (its summary is {out / SUMMARY})", file=sys.stderr)
         return json.loads((out / SUMMARY).read_text()) if writer else None
-    state, dataset = begin(cfg, out, resume, init_from, group)
+    mx.reset_peak_memory()  # summary.json reports this run's peak
+    state, dataset, start = begin(cfg, out, resume, init_from, group)
 
     val_batches = partial(data.eval_batches, dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     validate = lambda model: evaluate(model, val_batches(), group)  # noqa: E731
@@ -340,12 +430,29 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Opt
         if state.plan.qat_steps and state.phase == "fp":  # the switch
             if state.step > 0:
                 monitor.end_of_phase(state, validate(state.model))
-            state.step_fn = switch_to_qat(state.model, state.optimizer, cfg, group=group)
+            state.step_fn = switch_to_qat(state.model, state.optimizer, cfg, group=group, loss=state.loss)
             state.phase = "qat"
         train_range(state, state.plan.total_steps, dataset, monitor)  # quantization-aware
     finally:
         monitor.close()
-    return finish(state, out, dataset, monitor, val_batches, time.perf_counter() - started)
+    return finish(state, out, dataset, monitor, val_batches, time.perf_counter() - started, start)
+
+
+def init_source(path: Optional[Path], overrides: dict) -> Optional[Path]:
+    """What --init-from PATH names: a checkpoint or snapshot (it has meta.json), returned to
+    branch from; or a pretrained model, which becomes the config's `pretrained` (None returned)."""
+    if path is None or (path / "meta.json").is_file():
+        return path
+    if not path.exists():
+        raise TrainingError(f"--init-from {path} does not exist; pass a checkpoint or snapshot, a model directory "
+                            "or a .gguf file")
+    if not pretrained.is_model(path) and not (path / checkpoint.NAME / "meta.json").is_file():
+        raise TrainingError(f"--init-from {path} is neither a checkpoint or snapshot (no meta.json), a model directory "
+                            "(no config.json) nor a .gguf file; pass one of those")
+    if overrides.get("pretrained", str(path)) != str(path):
+        raise TrainingError(f"--init-from {path} and --pretrained {overrides['pretrained']} name two starting models; pass one")
+    overrides["pretrained"] = str(path)  # a run dir lands here too: pretrained.load says to pass its checkpoint
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -354,7 +461,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--init-from", type=Path, metavar="PATH",
-                        help="start this new run from a snapshot or checkpoint of another run")
+                        help="start this new run from a snapshot or checkpoint of another run (a directory with "
+                             "meta.json), or from a pretrained model: an mlx-lm / Hugging Face directory or a llama "
+                             ".gguf (sets `pretrained`; the model's own architecture and tokenizer are used)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     config.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
@@ -364,8 +473,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             config_path = args.out / "config.yaml"
             if not config_path.exists():
                 raise TrainingError(f"{args.out} holds no run to resume (no config.yaml); drop --resume to start one there")
-        cfg = config.load(config_path, config.parse_overrides(rest))
-        summary = run(cfg, args.out, resume=args.resume, init_from=args.init_from, show_progress=not args.no_progress)
+        overrides = config.parse_overrides(rest)
+        init_from = args.init_from if args.resume else init_source(args.init_from, overrides)
+        cfg = config.load(config_path, overrides)
+        summary = run(cfg, args.out, resume=args.resume, init_from=init_from, show_progress=not args.no_progress)
     except (ValueError, FileNotFoundError, TrainingError, data.DataError, checkpoint.CheckpointError,
             distributed.RankError) as e:
         parser.exit(2, f"error: {e}\n")

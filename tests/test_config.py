@@ -74,6 +74,12 @@ BAD = [
     ("snapshot_at", [0], None), ("snapshot_at", ["abc"], None), ("snapshot_at", [1.5], None), ("snapshot_at", {"a": 1}, None),
     ("snapshot_at", [1000, 3e6], "snapshot_at=[1000, 3000000]"),
     ("export_scales", "int8", None), ("export_scales", 16, None),
+    ("pretrained", "", None), ("pretrained", 5, None),
+    ("loss", "mse", None), ("loss", "distill", "loss: distill needs a pretrained start"),
+    ("kl_weight", 1.5, None), ("kl_weight", "abc", None), ("kl_weight", True, None),
+    ("grad_checkpoint", "maybe", None), ("freeze_embedding", 1, None),
+    ("compare", ["gptq"], None), ("compare", 5, None), ("compare", ["dwq"], "compare needs a pretrained start"),
+    ("dwq_learning_rate", 0, None), ("dwq_learning_rate", "abc", None),
 ]
 
 

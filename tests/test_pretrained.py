@@ -1,6 +1,6 @@
 """Starting QAT from pretrained models: mlx-lm directories of several architectures (one
-quantized), a llama GGUF with quantized tensors and its tokenizer, the refusals, and the
-distillation loss."""
+quantized), a llama GGUF with quantized tensors and its tokenizer, the refusals, the
+distillation loss, and runs of `python -m mlx_qat.train --init-from MODEL` end to end."""
 
 import mlx_qat  # noqa: F401  (first, so that MLX binds the optimized BLAS)
 
@@ -14,6 +14,7 @@ import mlx.optimizers as optim
 import mlx_lm
 import numpy as np
 import pytest
+import yaml
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
 from mlx_lm.gguf import permute_weights, translate_weight_names
@@ -21,10 +22,10 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlx_qat import QuantSpec, checkpoint
+from mlx_qat import QuantSpec, checkpoint, config, data, init_scale, train
 from mlx_qat.distill import make_distill_loss
 from mlx_qat.evaluate import loss_fn
-from mlx_qat.export import export
+from mlx_qat.export import export, main as export_main
 from mlx_qat.layers import quant_specs, to_qat
 from mlx_qat.model import from_config
 from mlx_qat.pretrained import _pre_tokenizer, export_config, load
@@ -340,3 +341,258 @@ def test_distill_loss_edges():
             make_distill_loss(teacher, bad)
     with pytest.raises(ValueError, match="second time"):
         make_distill_loss(teacher, 1)(teacher, batch)
+
+
+# Training from a pretrained start: python -m mlx_qat.train --init-from MODEL
+
+
+STEPS = 4
+RUN = dict(batch_size=4, seq_len=32, bits=2, group_size=32, report_every=1, eval_every=100, eval_batches=2,
+           checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(random_text(120, seed=7)))
+    return path
+
+
+def start_config(model, corpus, tmp_path, **keys):
+    """A run's config as the command line resolves it: `pretrained` set, the rest given."""
+    values = dict(pretrained=str(model), data=str(corpus), data_cache=str(tmp_path / "cache"),
+                  total_tokens=STEPS * 4 * 32, **RUN)
+    return config.resolve({**values, **keys})
+
+
+def model_dir(arch, bpe, path, **extra) -> Path:
+    config_ = {"model_type": arch, **SMALL, **ARCHS[arch], **extra}
+    return save_directory(path, from_config(config_, seed=1), config_, bpe)
+
+
+def step_losses(out: Path) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def check_finished(out: Path, summary: dict, **config_json):
+    """QAT from token 0, every loss of the comparison reported, and an export that mlx-lm loads
+    with the input's identity and uses to generate."""
+    assert (summary["D_fp"], summary["qat_fraction"], summary["B"]) == (0, 1.0, 2)
+    for key in ("reference_val_loss", "ptq_val_loss", "final_val_loss", "exported_val_loss"):
+        assert np.isfinite(summary[key]), key
+    assert summary["exported_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    assert summary["peak_memory_bytes"] > 0 and "peak memory" in train.report.format_summary(summary)
+    model, tokenizer, exported = mlx_lm.load(str(out / "model"), return_config=True)
+    assert exported["quantization"]["bits"] == 2 and all(exported[k] == v for k, v in config_json.items())
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert isinstance(mlx_lm.generate(model, tokenizer, "hello world", max_tokens=3), str)
+
+
+@pytest.mark.parametrize("arch, loss", [("llama", "ce"), ("qwen3", "distill"), ("gemma3_text", "ce")])
+def test_qat_from_a_pretrained_directory(arch, loss, bpe, corpus, tmp_path):
+    cfg = start_config(model_dir(arch, bpe, tmp_path / "model"), corpus, tmp_path, loss=loss, kl_weight=0.5)
+    assert (cfg.learning_rate, cfg.warmup, cfg.qat_fraction) == (1e-4, 0.02, 1.0)  # the fine-tuning defaults
+    summary = train.run(cfg, tmp_path / "run", show_progress=False)
+    check_finished(tmp_path / "run", summary, architectures=["ForTests"], eos_token_id=[2, 0], model_type=arch)
+    assert summary["loss"] == loss and sorted(step_losses(tmp_path / "run")) == list(range(1, STEPS + 1))
+    # the data were tokenized with the model's own tokenizer (and cached under it)
+    dataset = train.load_data(cfg, load(cfg.pretrained).tokenizer)
+    assert dataset.vocab_size == VOCAB and (dataset.path / "tokenizer.json").exists()
+
+
+def test_qat_from_a_gguf_on_the_command_line(hf_llama, bpe, corpus, tmp_path, capsys):
+    write_gguf(tmp_path / "m.gguf", hf_llama, bpe)
+    out = tmp_path / "run"
+    train.main(["--init-from", str(tmp_path / "m.gguf"), "--out", str(out), "--no-progress", "--data", str(corpus),
+                "--data-cache", str(tmp_path / "cache"), "--total-tokens", str(STEPS * 128),
+                *[a for k, v in RUN.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+    table = capsys.readouterr().out
+    assert "val loss, starting model" in table and "val loss, PTQ" in table and "m.gguf" in table
+    summary = json.loads((out / "summary.json").read_text())
+    check_finished(out, summary, rope_traditional=True, model_type="llama")
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrained"] == str(tmp_path / "m.gguf")
+
+
+def test_dwq_baseline_on_the_same_tokens(bpe, corpus, tmp_path):
+    cfg = start_config(model_dir("llama", bpe, tmp_path / "model"), corpus, tmp_path, compare=["dwq"],
+                       dwq_learning_rate=1e-3)
+    summary = train.run(cfg, tmp_path / "run", show_progress=False)
+    assert np.isfinite(summary["dwq_val_loss"]) and summary["dwq_val_loss"] != summary["ptq_val_loss"]
+
+
+def test_ptq_baseline_is_mlx_lm_quantization_at_the_exports_bits(bpe, corpus, tmp_path):
+    from mlx_qat import baselines
+
+    p = load(model_dir("llama", bpe, tmp_path / "model"))
+    cfg = start_config(tmp_path / "model", corpus, tmp_path)
+    packed = {path: (type(m).__name__, m.bits) for path, m in baselines.ptq(p, cfg).named_modules() if hasattr(m, "bits")}
+    assert packed["model.embed_tokens"] == ("QuantizedEmbedding", 4) and packed["lm_head"] == ("QuantizedLinear", 4)
+    assert packed["model.layers.0.mlp.up_proj"] == ("QuantizedLinear", 2)
+    # with the embedding at the blocks' bits, it is what `mlx_lm.convert -q --q-bits 2 --q-group-size 32` makes
+    same = baselines.ptq(p, start_config(tmp_path / "model", corpus, tmp_path, embedding_bits=2))
+    convert, _ = quantize_model(from_config({"model_type": "llama", **SMALL, **ARCHS["llama"]}, seed=1), p.config,
+                                group_size=32, bits=2)
+    assert mx.array_equal(same(IDS), convert(IDS)).item()
+
+
+def test_a_tied_gemma3_text_run_rebuilds_from_its_snapshot(bpe, corpus, tmp_path):
+    config_ = {"model_type": "gemma3_text", **SMALL, **ARCHS["gemma3_text"]}
+    original = from_config(config_, seed=1)
+    original.sanitize({})  # tied: no lm_head
+    path = save_directory(tmp_path / "model", original, config_, bpe)
+    cfg = start_config(path, corpus, tmp_path, snapshot_at=[STEPS * 128])
+    summary = train.run(cfg, tmp_path / "run", show_progress=False)
+    model, _ = checkpoint.load_model(tmp_path / "run" / "snapshots" / str(STEPS * 128))
+    assert "lm_head" not in model
+    batches = list(data.eval_batches(train.load_data(cfg, load(path).tokenizer).val, 4, 32, 2))
+    assert train.evaluate(model, batches) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    # python -m mlx_qat.export keeps the pretrained model's config.json and tokenizer too
+    export_main(["--checkpoint", str(tmp_path / "run" / "snapshots" / str(STEPS * 128)), "--out", str(tmp_path / "x")])
+    loaded, tokenizer, exported = mlx_lm.load(str(tmp_path / "x"), return_config=True)
+    assert exported["architectures"] == ["ForTests"] and tokenizer.chat_template == CHAT_TEMPLATE
+    assert train.evaluate(loaded, batches) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+
+
+def test_ternary_has_no_ptq_baseline(bpe, corpus, tmp_path):
+    cfg = start_config(model_dir("llama", bpe, tmp_path / "model"), corpus, tmp_path, bits=1.58, total_tokens=128)
+    summary = train.run(cfg, tmp_path / "run", show_progress=False)
+    assert summary["ptq_val_loss"] is None and "1.58" in summary["ptq_note"]
+    assert np.isfinite(summary["reference_val_loss"])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_of_a_pretrained_start_reproduces_its_losses(bpe, corpus, tmp_path, monkeypatch):
+    path = model_dir("qwen2", bpe, tmp_path / "model")
+    cfg = start_config(path, corpus, tmp_path, total_tokens=6 * 128, checkpoint_every=3, loss="distill",
+                       freeze_embedding=True, compare=[])
+    train.run(cfg, tmp_path / "whole", show_progress=False)
+    save = checkpoint.save
+
+    def save_then_die(where, *args, **kwargs):
+        save(where, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        train.run(cfg, tmp_path / "cut", show_progress=False)
+    monkeypatch.undo()
+    assert max(step_losses(tmp_path / "cut")) == 3
+    train.main(["--out", str(tmp_path / "cut"), "--resume", "--no-progress"])
+    whole, cut = step_losses(tmp_path / "whole"), step_losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 7))
+    np.testing.assert_allclose([cut[s] for s in range(4, 7)], [whole[s] for s in range(4, 7)], rtol=0, atol=1e-5)
+    # the rolling checkpoint rebuilds the qwen2 model by itself, in its QAT form
+    model, meta = checkpoint.load_model(tmp_path / "cut" / "checkpoint")
+    assert type(model).__module__.endswith("qwen2") and meta["phase"] == "qat"
+
+
+def test_memory_options(bpe, corpus, tmp_path, monkeypatch):
+    path = model_dir("llama", bpe, tmp_path / "model")
+    block = type(load(path).model.layers[0])
+    monkeypatch.setattr(block, "__call__", block.__call__)  # grad_checkpoint patches the class: undone after
+    monkeypatch.setattr(train, "CHECKPOINTED", set())
+    plain = start_config(path, corpus, tmp_path, snapshot_at=[STEPS * 128])
+    train.run(plain, tmp_path / "plain", show_progress=False)
+    train.run(start_config(path, corpus, tmp_path, grad_checkpoint=True), tmp_path / "recompute", show_progress=False)
+    assert block.__call__.__name__ == "checkpointed_fn"  # mlx-lm's own grad_checkpoint
+    np.testing.assert_allclose(list(step_losses(tmp_path / "recompute").values()),
+                               list(step_losses(tmp_path / "plain").values()), rtol=0, atol=1e-5)
+
+    frozen = start_config(path, corpus, tmp_path, freeze_embedding=True, snapshot_at=[STEPS * 128])
+    summary = train.run(frozen, tmp_path / "frozen", show_progress=False)
+    snapshot = tmp_path / "frozen" / "snapshots" / str(STEPS * 128)
+    trained, _ = checkpoint.load_model(snapshot)
+    moved, _ = checkpoint.load_model(tmp_path / "plain" / "snapshots" / str(STEPS * 128))
+    original = dict(tree_flatten(load(path).model.parameters()))
+    trained, moved = dict(tree_flatten(trained.parameters())), dict(tree_flatten(moved.parameters()))
+    for name in ("model.embed_tokens", "lm_head"):  # frozen weights (4-bit), their grids learning
+        weight = f"{name}.weight"
+        assert mx.array_equal(trained[weight], original[weight]).item()
+        assert not mx.array_equal(moved[weight], original[weight]).item()
+        assert not mx.allclose(trained[f"{name}.alpha"], init_scale(original[weight], QuantSpec(4, 32))).item()
+    assert summary["N"] == json.loads((tmp_path / "plain" / "summary.json").read_text())["N"]
+
+
+def test_data_in_mlx_lm_formats(bpe, tmp_path):
+    """text, messages and prompt/completion records, tokenized as mlx-lm's datasets do."""
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}
+             for i in range(6)]
+    pairs = [{"prompt": f"say {i}", "completion": "ok"} for i in range(6)]
+    texts = [{"text": line} for line in random_text(6, seed=3)]
+    for name, records in (("chat", chats), ("pairs", pairs), ("texts", texts)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(map(json.dumps, records)))
+    p = load(model_dir("llama", bpe, tmp_path / "model"))
+    inputs = [str(tmp_path / f"{n}.jsonl") for n in ("chat", "pairs", "texts")]
+    manifest = data.prepare_with(p.tokenizer, inputs, tmp_path / "out")
+    as_chat = lambda r: r["messages"] if "messages" in r else [  # noqa: E731
+        {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+    expected = [bpe.apply_chat_template(as_chat(r), return_dict=False) for r in chats + pairs]
+    expected += [bpe.encode(r["text"]) + [bpe.eos_token_id] for r in texts]
+    assert sum(manifest["tokens"].values()) == sum(map(len, expected))
+    dataset = data.TokenData.load(tmp_path / "out")
+    assert sorted(np.concatenate([dataset.train, dataset.val]).tolist()) == sorted(t for e in expected for t in e)
+    assert manifest == data.prepare_with(p.tokenizer, inputs, tmp_path / "out")  # reused
+
+    (tmp_path / "mixed.jsonl").write_text("\n".join(map(json.dumps, chats[:2] + texts[:2])))
+    with pytest.raises(data.DataError, match="mixes record formats"):
+        data.prepare_with(p.tokenizer, [str(tmp_path / "mixed.jsonl")], tmp_path / "x")
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"question": "?"}))
+    with pytest.raises(data.DataError, match="`messages` \\(chat\\)"):
+        data.prepare_with(p.tokenizer, [str(tmp_path / "odd.jsonl")], tmp_path / "x")
+    p.tokenizer._tokenizer.chat_template = None
+    with pytest.raises(data.DataError, match="no chat template"):
+        data.prepare_with(p.tokenizer, [str(tmp_path / "chat.jsonl")], tmp_path / "x")
+
+
+def test_pretrained_defaults_yield_to_the_users_keys():
+    assert config.resolve({"pretrained": "m", "learning_rate": 3e-4}).learning_rate == 3e-4
+    assert config.resolve({"pretrained": "m"}).qat_fraction == 1.0
+    assert config.resolve({}).learning_rate == config.default("learning_rate") == 3e-3
+    assert "a pretrained start (--init-from MODEL) changes the defaults" in config.describe_keys()
+
+
+def cli_error(capsys, *argv) -> str:
+    """train.main's message for a bad input: exit 2, one line, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--no-progress", *map(str, argv)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_starting_points_are_refused_before_training(hf_llama, bpe, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    start = lambda path, *more: cli_error(capsys, "--init-from", path, "--out", out, "--data", corpus, *more)  # noqa: E731
+    assert "does not exist" in start(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("hi")
+    assert "neither a checkpoint" in start(tmp_path / "notes.txt")
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text(json.dumps({"model_type": "nonexistent_arch"}))
+    assert "'nonexistent_arch'" in start(tmp_path / "unknown")
+    moe = {"model_type": "mixtral", **SMALL, "num_local_experts": 2, "num_experts_per_tok": 1}
+    assert "SwitchLinear" in start(save_directory(tmp_path / "moe", from_config(moe), moe, bpe))
+    assert "320 tokens" in start(model_dir("llama", bpe, tmp_path / "small", vocab_size=256))
+    write_gguf(tmp_path / "qwen.gguf", hf_llama, bpe, arch="qwen2")
+    assert "general.architecture 'qwen2'" in start(tmp_path / "qwen.gguf")
+
+    qat = from_config({"model_type": "llama", **SMALL})  # saved in QAT form, as no model directory should be
+    to_qat(qat, quant_specs(qat, QuantSpec(2, 32)))
+    assert "QAT form" in start(save_directory(tmp_path / "qat", qat, {"model_type": "llama", **SMALL}, bpe))
+    checkpoint.save(tmp_path / "old" / "checkpoint", qat, optim.Adam(learning_rate=1e-3), {"step": 0})
+    assert "--init-from" in start(tmp_path / "old")  # a run directory: its checkpoint is what to pass
+
+    assert "loss: distill needs a pretrained start" in cli_error(capsys, "--out", out, "--loss", "distill")
+    assert "compare needs a pretrained start" in cli_error(capsys, "--out", out, "--compare", "[dwq]")
+    good = model_dir("llama", bpe, tmp_path / "good")
+    assert "two starting models" in start(good, "--pretrained", tmp_path / "other")
+    assert not out.exists()
+
+
+def test_data_prepared_with_another_tokenizer_is_refused(bpe, corpus, dataset, tmp_path, capsys):
+    good = model_dir("llama", bpe, tmp_path / "model")
+    err = cli_error(capsys, "--init-from", good, "--out", tmp_path / "run", "--data", dataset)
+    assert "prepared with another tokenizer" in err
