@@ -312,17 +312,27 @@ def train_dir(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = No
 
 
 def run_sweep(sweep: Sweep) -> dict:
+    """Train what is left of the sweep's shard; sweep.json is rewritten after every run, so its
+    figures (runs finished, wall time over all sittings) hold even for a sweep that was killed."""
     sweep.out.mkdir(parents=True, exist_ok=True)
     previous = json.loads(sweep.summary_path.read_text()) if sweep.summary_path.exists() else {}
     started = time.perf_counter()
     done = sweep.finished()
 
+    def figures() -> dict:
+        f = {**sweep.figures(), "runs_finished": sum(r.name in done for r in sweep.runs),
+             "wall_seconds": previous.get("wall_seconds", 0.0) + time.perf_counter() - started,
+             "shard": f"{sweep.index}/{sweep.count}"}
+        atomic.write_text(sweep.summary_path, json.dumps(f, indent=2))
+        return f
+
     def record(run: Run, summary: dict) -> None:
         if run.name not in done:
             done[run.name] = result_record(run, summary)
             atomic.append_line(sweep.results_path, json.dumps(done[run.name]))
+        figures()
 
-    for trunk in sorted(sweep.trunks, key=lambda t: -len(t.runs) / tokens_of(t)):  # most runs per token first: early results to fit
+    for trunk in sorted(sweep.trunks, key=lambda t: -len(t.runs) / tokens_of(t)):  # most runs per token first
         todo = [r for r in trunk.runs if r.name not in done]
         if not todo:
             continue
@@ -336,12 +346,7 @@ def run_sweep(sweep: Sweep) -> dict:
         if r.name not in done:
             print(f"run {r.name} (from scratch)", file=sys.stderr)
             record(r, train_dir(r.cfg, sweep.out / "runs" / r.name))
-
-    figures = {**sweep.figures(), "runs_finished": sum(r.name in done for r in sweep.runs),
-               "wall_seconds": previous.get("wall_seconds", 0.0) + time.perf_counter() - started,
-               "shard": f"{sweep.index}/{sweep.count}"}
-    atomic.write_text(sweep.summary_path, json.dumps(figures, indent=2))
-    return figures
+    return figures()
 
 
 # ---------------------------------------------------------------- the command
