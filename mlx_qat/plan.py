@@ -26,10 +26,10 @@ BIT_WIDTHS = (1, 1.58, 2, 3, 4, 5, 6, 8)
 FP_BITS = 16  # the full-precision reference stores bf16/fp16 weights
 F_MIN, F_MAX = 1e-4, 1 - 1e-4
 
-# The law `plan` uses without --law: a file inside the package, named relative to it (for example
-# "laws/local.json", listed in pyproject.toml's package data). None ships until one has been
-# fitted to a real sweep; until then `plan` answers from the predictor alone.
-PACKAGED_LAW: Optional[str] = None
+# The law `plan` uses without --law: a file inside the package, named relative to it (listed in
+# pyproject.toml's package data). It is the fit to configs/sweep_local.yaml (benchmarks/results/sweep):
+# tiny models, small budgets, a CPU. Its label and S_total range print with every answer.
+PACKAGED_LAW: Optional[str] = "laws/local.json"
 
 
 # ---------------------------------------------------------------- questions a law answers

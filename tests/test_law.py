@@ -124,11 +124,11 @@ def test_fit_and_plan_commands(tmp_path):
     assert "optimal QAT fraction" in table and "best bit width" in table
 
 
-def test_plan_without_a_law_uses_the_predictor(capsys):
+def test_plan_without_a_law_uses_the_predictor(capsys, monkeypatch):
     ans = plan.answer(1e8, 1e10, 4, None)
     assert ans["law"] is None and ans["predictor"]["optimal_fraction"] == pytest.approx(float(predicted_qat_fraction(200)))
     assert "no fitted law" in plan.format_answer(ans)
-    assert plan.PACKAGED_LAW is None and plan.packaged_law() is None  # none ships yet
+    monkeypatch.setattr(plan, "PACKAGED_LAW", None)  # as for a package that ships no law
     plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2"])
     out = capsys.readouterr()
     assert out.out.splitlines()[1:] == ["predictor (a = 6.7297): optimal QAT fraction 0.325",
@@ -182,3 +182,13 @@ def test_plan_says_where_the_law_was_fitted_and_warns_far_outside():
     assert "fitted on S_total 1–50)" in inside and "warning" not in inside
     far = plan.answer(1e6, 1e11, 2, law)  # S_total = 4e5
     assert far["law"]["outside_fitted_range"] and "is far outside it" in plan.format_answer(far)
+
+
+def test_the_shipped_law_is_the_local_sweeps_and_says_so(capsys):
+    law = plan.packaged_law()
+    assert "local small-scale fit" in law.meta["label"] and law.meta["n_runs"] >= 100
+    lo, hi = law.meta["S_total_range"]
+    assert 0 < lo < 1 < 10 < hi
+    plan.main(["--params", "1e8", "--tokens", "1e11", "--bits", "2"])  # S_total = 4,000: an extrapolation here
+    out = capsys.readouterr().out
+    assert "local small-scale fit" in out and "fitted on S_total" in out and "far outside it" in out
