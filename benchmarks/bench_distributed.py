@@ -79,7 +79,7 @@ def main():
     load = os.getloadavg()[0]
     one, two = run(1, args), run(2, args)
     emit({
-        "command": f"python benchmarks/bench_distributed.py --config {os.path.relpath(args.config)} --steps {args.steps}",
+        "command": f"python benchmarks/bench_distributed.py --config {os.path.relpath(args.config, Path(__file__).resolve().parent.parent)} --steps {args.steps}",
         "machine": machine(),
         "mlx": mx.__version__,
         "load_average_1min_before": load,
