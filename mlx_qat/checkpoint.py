@@ -26,7 +26,6 @@ from .quantizers import QuantSpec, specs_from_dict, specs_to_dict
 
 NAME = "checkpoint"
 SNAPSHOTS = "snapshots"
-FILES = ("model.safetensors", "optimizer.safetensors", "meta.json")
 
 
 class CheckpointError(RuntimeError):
@@ -78,11 +77,10 @@ def specs(meta: dict) -> Dict[str, QuantSpec]:
     return specs_from_dict(meta.get("qat_specs", {}))
 
 
-def restore(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
-    """Load weights and optimizer state into a model of the checkpoint's form; return its meta.
-
-    The optimizer's state is replaced in place, so a step compiled over it stays valid."""
-    meta = read_meta(path)
+def restore(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> None:
+    """Load weights and optimizer state into a model of the checkpoint's form (its meta is read
+    by the caller, which chose that form). The optimizer's state is replaced in place, so a step
+    compiled over it stays valid."""
     try:
         model.load_weights(str(path / "model.safetensors"), strict=True)
         state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
@@ -92,7 +90,6 @@ def restore(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
         sub.state.clear()
         sub.state.update(saved)
     optimizer.init(model.trainable_parameters())  # marks it initialised; every entry is there
-    return meta
 
 
 def load_model(path: Path) -> Tuple[nn.Module, dict]:

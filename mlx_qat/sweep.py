@@ -46,8 +46,7 @@ from . import blas  # noqa: F401  (the fast BLAS, before mlx.core)
 import mlx.core as mx  # noqa: E402
 import yaml  # noqa: E402
 
-from . import atomic, checkpoint, config, model as models, train  # noqa: E402
-from .schedule import Schedule  # noqa: E402
+from . import atomic, checkpoint, config, data, model as models, train  # noqa: E402
 
 SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
 # Keys that change a run only after it leaves the FP trunk; every other key shapes the trunk.
@@ -176,14 +175,9 @@ def trunk_key(cfg: config.TrainConfig) -> str:
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def schedule_of(cfg: config.TrainConfig, plan: train.RunPlan) -> Schedule:
-    return Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
-                    cfg.warmup_tokens, cfg.cooldown_tokens)
-
-
 def branch_point(cfg: config.TrainConfig, plan: train.RunPlan) -> int:
     """The last step boundary up to which the run's learning rates equal a constant-rate trunk's."""
-    schedule = schedule_of(cfg, plan)
+    schedule = train.make_schedule(cfg, plan)
     if plan.qat_steps == 0:
         leaves = plan.total_tokens - schedule.phase_cooldown(plan.total_tokens)
     elif cfg.schedule == "fused":
@@ -242,7 +236,8 @@ class Sweep:
         names = [r.name for r in runs]
         if len(set(names)) != len(names):
             raise SweepError(f"{path}: two runs of the grid have the same name")
-        self.n_params = {trunk_key(r.cfg): count_params(r.cfg) for r in runs}
+        first_of_trunk = {trunk_key(r.cfg): r.cfg for r in reversed(runs)}  # one model built per trunk
+        self.n_params = {key: count_params(cfg) for key, cfg in first_of_trunk.items()}
         trunks = attach_trunks(runs, self.n_params)
         alone = [r for r in runs if r.trunk is None]
         self.all_runs = runs
@@ -282,7 +277,7 @@ def measure_rate(cfg: config.TrainConfig, steps: int = 3) -> float:
     """Training tokens per second of a config, from a few compiled steps after a warm-up one."""
     dataset = train.load_data(cfg)
     state = train.setup(cfg, dataset)
-    batch = lambda k: mx.array(train.data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, k))  # noqa: E731
+    batch = lambda k: mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, k))  # noqa: E731
     mx.eval(state.step_fn(batch(0)))
     start = time.perf_counter()
     for k in range(1, steps + 1):

@@ -100,6 +100,12 @@ def plan_run(cfg: config.TrainConfig, n_params: int) -> RunPlan:
     return RunPlan(n_params, cfg.tokens_per_step, total_steps - qat_steps, qat_steps, cfg.bits)
 
 
+def make_schedule(cfg: config.TrainConfig, plan: RunPlan) -> Schedule:
+    """The run's learning rate at every token, from its config and its FP/QAT split."""
+    return Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
+                    cfg.warmup_tokens, cfg.cooldown_tokens)
+
+
 # ---------------------------------------------------------------- data, model, optimizer, step
 
 
@@ -243,8 +249,7 @@ def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None,
     else:
         model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
     plan = plan_run(cfg, models.num_params(model))  # before freezing: N counts every weight
-    schedule = Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
-                        cfg.warmup_tokens, cfg.cooldown_tokens)
+    schedule = make_schedule(cfg, plan)
     loss = make_loss(cfg)
     save_memory(model, cfg)
     optimizer = make_optimizer(cfg)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 import yaml
 

@@ -4,12 +4,11 @@ independent run reproduces."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from conftest import MICRO_MODEL
-from mlx_qat import checkpoint, config, data, sweep, train
+from mlx_qat import checkpoint, config, sweep, train
 
 def write_sweep(tmp_path, dataset, grid, fp_baselines=True, **base):
     values = dict(data=str(dataset), model=MICRO_MODEL, total_tokens=40 * 128, batch_size=4, seq_len=32, bits=2,
