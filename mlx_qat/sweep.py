@@ -53,9 +53,6 @@ SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
 BRANCH_KEYS = {"total_tokens", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
                "cooldown_tokens", "keep_optimizer_state", "export_scales", "snapshot_at"}
 SET_BY_SWEEP = {"snapshot_at"}
-# Keys newer than the first sweeps: left out of a trunk's key at their defaults, so that a sweep
-# resumed under this version finds the trunks it trained before.
-NEWER_KEYS = {"pretrained", "loss", "kl_weight", "grad_checkpoint", "freeze_embedding", "compare", "dwq_learning_rate"}
 
 
 class SweepError(ValueError):
@@ -170,8 +167,7 @@ def _config(values: dict, name: str) -> config.TrainConfig:
 
 
 def trunk_key(cfg: config.TrainConfig) -> str:
-    shared = {k: v for k, v in cfg.to_dict().items()
-              if k not in BRANCH_KEYS and not (k in NEWER_KEYS and v == config.default(k))}
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in BRANCH_KEYS}
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -220,9 +216,9 @@ def shard(trunks: List[Trunk], alone: List[Run], index: int, count: int) -> Tupl
     return [u for u in mine if isinstance(u, Trunk)], [u for u in mine if isinstance(u, Run)]
 
 
-def tokens_of(t: Trunk) -> int:
-    """Tokens to train for a trunk and its runs."""
-    return t.cfg.total_tokens + sum(r.cfg.total_tokens - r.branch_tokens for r in t.runs)
+def tokens_of(t: Trunk, runs: Optional[List[Run]] = None) -> int:
+    """Tokens to train for a trunk and its runs (or only `runs` of them)."""
+    return t.cfg.total_tokens + sum(r.cfg.total_tokens - r.branch_tokens for r in (t.runs if runs is None else runs))
 
 
 # ---------------------------------------------------------------- the sweep directory
@@ -347,10 +343,26 @@ def run_sweep(sweep: Sweep) -> dict:
 # ---------------------------------------------------------------- the command
 
 
-def format_plan(sweep: Sweep, rates: Dict[str, float]) -> str:
+def tokens_left(sweep: Sweep, done: Dict[str, dict]) -> Dict[str, int]:
+    """Tokens still to train per trunk config: a trunk (in full: its snapshots may be gone) and
+    its unfinished runs' own tokens, or an unfinished run that trains alone."""
+    left: Dict[str, int] = {}
+    for t in sweep.trunks:
+        todo = [r for r in t.runs if r.name not in done]
+        if todo:
+            key = trunk_key(t.cfg)
+            left[key] = left.get(key, 0) + tokens_of(t, todo)
+    for r in sweep.alone:
+        if r.name not in done:
+            left[trunk_key(r.cfg)] = left.get(trunk_key(r.cfg), 0) + r.cfg.total_tokens
+    return left
+
+
+def format_plan(sweep: Sweep, done: Dict[str, dict], rates: Dict[str, float]) -> str:
     f = sweep.figures()
-    lines = [f"{f['runs_total']} runs ({len(sweep.all_runs)} in the whole sweep), {f['trunks']} FP trunks, "
-             f"{f['branch_points']} branch points"]
+    finished = sum(r.name in done for r in sweep.runs)
+    lines = [f"{f['runs_total']} runs ({len(sweep.all_runs)} in the whole sweep, {finished} finished), "
+             f"{f['trunks']} FP trunks, {f['branch_points']} branch points"]
     for t in sweep.trunks:
         points = ", ".join(f"{p:,}" for p in t.cfg.snapshot_at)
         lines.append(f"  {t.name}: {t.cfg.total_tokens:,} tokens, {len(t.runs)} runs branch at {points}")
@@ -358,9 +370,8 @@ def format_plan(sweep: Sweep, rates: Dict[str, float]) -> str:
     lines.append(f"tokens to train {f['tokens_trained']:,} vs {f['tokens_independent']:,} as independent runs "
                  f"({saved:.0%} saved)")
     if rates:
-        seconds = sum(tokens_of(t) / rates[trunk_key(t.cfg)] for t in sweep.trunks)
-        seconds += sum(r.cfg.total_tokens / rates[trunk_key(r.cfg)] for r in sweep.alone)
-        lines.append(f"ETA {seconds / 3600:.2f} h of training at "
+        seconds = sum(tokens / rates[key] for key, tokens in tokens_left(sweep, done).items())
+        lines.append(f"ETA {seconds / 3600:.2f} h of training for what is left, at "
                      + ", ".join(f"{v:,.0f}" for v in rates.values()) + " tokens/s (measured, per trunk config)")
     return "\n".join(lines)
 
@@ -385,9 +396,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         sweep = Sweep(args.config, args.out, args.shard)
+        done = sweep.finished()
         configs = {trunk_key(r.cfg): r.cfg for r in sweep.runs}
-        rates = {k: measure_rate(replace(c, qat_fraction=0.0)) for k, c in configs.items()}
-        print(format_plan(sweep, rates))
+        rates = {k: measure_rate(replace(configs[k], qat_fraction=0.0)) for k in tokens_left(sweep, done)}
+        print(format_plan(sweep, done, rates))
         if args.dry_run:
             return
         figures = run_sweep(sweep)

@@ -53,6 +53,20 @@ def test_a_warmup_fraction_becomes_the_same_tokens_for_every_run(dataset, tmp_pa
     assert {r.cfg.warmup_tokens for r in runs} == {512}  # 10% of the shortest run's 5,120 tokens
 
 
+def test_the_plan_counts_only_what_is_left(dataset, tmp_path):
+    s = sweep.Sweep(write_sweep(tmp_path, dataset, GRID), tmp_path / "out")
+    assert sum(sweep.tokens_left(s, {}).values()) == s.figures()["tokens_trained"]
+    (trunk,), (first, *rest) = s.trunks, s.trunks[0].runs
+    done = {r.name: {} for r in rest}
+    assert sum(sweep.tokens_left(s, done).values()) == trunk.cfg.total_tokens + first.cfg.total_tokens - first.branch_tokens
+    assert sweep.tokens_left(s, {r.name: {} for r in s.runs}) == {}
+    rate = {sweep.trunk_key(first.cfg): 128.0}
+    text = sweep.format_plan(s, done, rate)
+    assert "10 runs (10 in the whole sweep, 9 finished)" in text
+    hours = (trunk.cfg.total_tokens + first.cfg.total_tokens - first.branch_tokens) / 128 / 3600
+    assert f"ETA {hours:.2f} h of training for what is left" in text
+
+
 def test_sharding_is_deterministic_disjoint_and_keeps_trunks_whole(dataset, tmp_path):
     grid = {**GRID, "seed": [0, 1, 2]}  # three trunks
     runs, trunks = planned(write_sweep(tmp_path, dataset, grid))
