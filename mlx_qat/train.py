@@ -130,8 +130,9 @@ def load_data(cfg: config.TrainConfig, tokenizer=None) -> data.TokenData:
 
 
 def load_start(cfg: config.TrainConfig) -> Optional[pretrained.Pretrained]:
-    """The pretrained model a run starts from (None from scratch); its refusals come before any weight is read."""
-    return pretrained.load(cfg.pretrained) if cfg.pretrained is not None else None
+    """The pretrained model a run starts from (None from scratch), checked but with its weights
+    unread, so that its refusals and the data's come before the slow read."""
+    return pretrained.load(cfg.pretrained, lazy=True) if cfg.pretrained is not None else None
 
 
 def make_loss(cfg: config.TrainConfig) -> Callable:
@@ -139,7 +140,7 @@ def make_loss(cfg: config.TrainConfig) -> Callable:
     starting model, loaded a second time and frozen (arrays of its own: the compiled step
     refuses a captured array that is also one of its inputs, as the student's weights are)."""
     if cfg.loss == "distill":
-        teacher = load_start(cfg).model
+        teacher = pretrained.load(cfg.pretrained).model  # read now: a compiled step must not capture lazy arrays
         teacher.freeze()
         return make_distill_loss(teacher, cfg.kl_weight)
     return loss_fn
@@ -246,6 +247,7 @@ def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None,
     """The run's model (the pretrained one, or a fresh one of `cfg.model`), plan, schedule, loss and step."""
     if start is not None:
         model = start.model
+        mx.eval(model.parameters())  # the slow read of a pretrained model's weights, after every check
     else:
         model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
     plan = plan_run(cfg, models.num_params(model))  # before freezing: N counts every weight

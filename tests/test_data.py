@@ -216,3 +216,18 @@ def test_cli_reports_errors(tmp_path, capsys):
         data.main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert e.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_mlx_lm_data_directory_keeps_its_own_split(tmp_path):
+    """train.jsonl trains, valid.jsonl validates, test.jsonl is left alone (mlx-lm's layout)."""
+    lines = random_text(400, seed=5)
+    for name, part in (("train", lines[:300]), ("valid", lines[300:350]), ("test", lines[350:])):
+        (tmp_path / "d" / f"{name}.jsonl").parent.mkdir(exist_ok=True)
+        (tmp_path / "d" / f"{name}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in part))
+    manifest = data.prepare([str(tmp_path / "d")], 300, tmp_path / "out")
+    assert manifest["documents"] == {"train": 300, "val": 50}
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    val = data.TokenData.load(tmp_path / "out").val
+    assert val.tolist() == [t for line in lines[300:350] for t in [sp.bos_id()] + sp.encode(line)]
+    (tmp_path / "d" / "valid.jsonl").unlink()  # no valid.jsonl: validation is drawn from train.jsonl
+    assert data.prepare([str(tmp_path / "d")], 300, tmp_path / "out2")["documents"] == {"train": 285, "val": 15}

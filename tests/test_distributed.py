@@ -101,3 +101,30 @@ def test_ranks_with_different_configs_are_refused(run_config, tmp_path):
     result = launch(sys.executable, "-c", code)
     assert "another config than rank 0" in result.stderr and "exited with code 2" in result.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_run_from_a_pretrained_model_trains_alike_on_two_ranks(dataset, tmp_path):
+    """--init-from an mlx-lm directory: every rank loads the model, rank 0 tokenizes the text with
+    the model's tokenizer, and the comparison with PTQ is made once, on the same batches."""
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_qat.model import from_config
+
+    arch = {"model_type": "llama", "vocab_size": 384, "rms_norm_eps": 1e-5, **MICRO_MODEL}
+    model = tmp_path / "model"
+    save_model(model, from_config(arch, seed=1))
+    save_config(arch, model / "config.json")
+    for f in dataset.glob("tokenizer*"):
+        shutil.copy(f, model)
+    args = ["--init-from", model, "--data", dataset.parent / "text.txt", "--data-cache", tmp_path / "cache",
+            "--total-tokens", 20 * 4 * 32, "--batch-size", 4, "--seq-len", 32, "--bits", 2, "--group-size", 32,
+            "--report-every", 1, "--eval-every", 10, "--eval-batches", 2, "--snapshot-at", f"[{20 * 4 * 32}]"]
+    args = list(map(str, args))
+    subprocess.run([*TRAIN, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True)
+    result = launch(*TRAIN, *args, "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    for key in ("reference_val_loss", "ptq_val_loss", "final_val_loss"):
+        assert abs(one[key] - two[key]) < 1e-4, key
+    assert result.stdout.count("val loss, PTQ") == 1

@@ -94,6 +94,20 @@ def test_directory_loads_equal_and_exports(arch, bpe, tmp_path):
     assert exported["quantization"]["bits"] == 2
 
 
+def test_a_lazy_load_reads_the_weights_only_when_they_are_used(bpe, tmp_path):
+    """What lets a run check its data before the slow read of a large model's weights."""
+    config = {"model_type": "llama", **SMALL, **ARCHS["llama"]}
+    path = save_directory(tmp_path / "model", from_config(config, seed=1), config, bpe)
+    lazy, eager = load(path, lazy=True), load(path)
+    save_model(path, from_config(config, seed=2))  # the file changes after both loads
+    later = dict(tree_flatten(from_config(config, seed=2).parameters()))
+    first = dict(tree_flatten(from_config(config, seed=1).parameters()))
+    for name, value in tree_flatten(lazy.model.parameters()):
+        assert mx.array_equal(value, later[name]).item(), name
+    for name, value in tree_flatten(eager.model.parameters()):
+        assert mx.array_equal(value, first[name]).item(), name
+
+
 def test_tied_gemma3_text_exports_tied(bpe, tmp_path):
     config = {"model_type": "gemma3_text", **SMALL, **ARCHS["gemma3_text"]}
     original = from_config(config, seed=1)
@@ -546,6 +560,27 @@ def test_data_in_mlx_lm_formats(bpe, tmp_path):
     p.tokenizer._tokenizer.chat_template = None
     with pytest.raises(data.DataError, match="no chat template"):
         data.prepare_with(p.tokenizer, [str(tmp_path / "chat.jsonl")], tmp_path / "x")
+
+
+def test_an_mlx_lm_data_directory_on_the_command_line(bpe, tmp_path, capsys):
+    """`prepare --tokenizer MODEL` on mlx-lm's train/valid/test layout: its split kept, the
+    model's tokenizer used, and a run from that model accepts the result."""
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}
+             for i in range(12)]
+    (tmp_path / "d").mkdir()
+    for name, part in (("train", chats[:8]), ("valid", chats[8:10]), ("test", chats[10:])):
+        (tmp_path / "d" / f"{name}.jsonl").write_text("\n".join(map(json.dumps, part)))
+    model = model_dir("llama", bpe, tmp_path / "model")
+    data.main(["prepare", "--input", str(tmp_path / "d"), "--tokenizer", str(model), "--out", str(tmp_path / "out")])
+    assert f"vocabulary {VOCAB}" in capsys.readouterr().out
+    dataset = data.TokenData.load(tmp_path / "out")
+    valid = [bpe.apply_chat_template(r["messages"], return_dict=False) for r in chats[8:10]]
+    assert dataset.val.tolist() == [t for ids in valid for t in ids]
+    assert train.load_data(start_config(model, tmp_path / "out", tmp_path), load(model).tokenizer).path == tmp_path / "out"
+    with pytest.raises(SystemExit):
+        data.main(["prepare", "--input", str(tmp_path / "d"), "--tokenizer", str(model), "--vocab-size", "300",
+                   "--out", str(tmp_path / "x")])
+    assert "pass one of them" in capsys.readouterr().err
 
 
 def test_pretrained_defaults_yield_to_the_users_keys():
