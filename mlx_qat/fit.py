@@ -279,6 +279,12 @@ POINT_FIT = Effort()  # the fit itself: run to convergence
 # unchanged. One still going after these bounds is given up and counted, not waited on.
 RESAMPLE = Effort(maxiter=2_000, seconds=60.0, ftol=1e-10)
 
+
+def not_converged() -> str:
+    """What stops a resample short of L-BFGS-B's tolerance."""
+    return (f"stopped at {RESAMPLE.maxiter:,} iterations or {RESAMPLE.seconds:g} s, or by a failed line search, "
+            "before reaching L-BFGS-B's tolerance")
+
 SMOOTH_DELTA = 1.0  # a Huber this wide is least squares: smooth, so the grid of starts converges fast
 
 
@@ -477,8 +483,7 @@ class FitResult:
         else:
             boot = f"bootstrap: {self.bootstrap - self.bootstrap_failed} of {self.bootstrap} resamples converged"
             if self.bootstrap_failed:
-                boot += (f"; {self.bootstrap_failed} did not within {RESAMPLE.maxiter:,} iterations and "
-                         f"{RESAMPLE.seconds:g} s and are left out of the intervals")
+                boot += (f"; {self.bootstrap_failed} did not ({not_converged()}), left out of the intervals")
         lines.append(f"{boot} (fit took {self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -511,8 +516,8 @@ def fit(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, label: st
 
     samples, failed = bootstrap_fits(runs, p, bootstrap, seed, workers, best.delta, progress)
     if failed:
-        warnings.warn(f"{failed} of {bootstrap} bootstrap resamples did not converge within {RESAMPLE.maxiter:,} "
-                      f"iterations or {RESAMPLE.seconds:g} s; the intervals use the other {len(samples)}", stacklevel=2)
+        warnings.warn(f"{failed} of {bootstrap} bootstrap resamples did not converge ({not_converged()}); "
+                      f"the intervals use the other {len(samples)}", stacklevel=2)
     ci = {}
     if samples:
         lo, hi = np.percentile(np.array(samples), [2.5, 97.5], axis=0)

@@ -9,7 +9,8 @@
 dequantized), its tokenizer as mlx-lm's TokenizerWrapper, and the `config.json` dict that the
 export carries over, so the exported model keeps its architecture, rope settings and eos ids.
 Every input it cannot serve is refused with one line before the weights are read in full;
-`lazy=True` leaves them unread until first used, so that a run checks its data first.
+`lazy=True` leaves a directory's weights unread until first used, so that a run checks its data
+before the slow read.
 """
 
 from dataclasses import dataclass
@@ -50,8 +51,8 @@ def load(path: Union[str, Path], dtype: mx.Dtype = mx.float32, lazy: bool = Fals
     """Load a pretrained model to start QAT from: an mlx-lm / Hugging Face model directory
     (safetensors + config.json + tokenizer files, quantized or not) or a llama `.gguf` file.
     dtype: the float type of the weights (float32: the master weights QAT trains).
-    lazy: build the model and check it, but leave its weights unread (and a GGUF's tensors
-    undequantized) until they are first evaluated."""
+    lazy: build the model and check it, but leave a directory's weights unread until they are
+    first evaluated (a GGUF file is read whole either way; only its dequantization waits)."""
     path = Path(path)
     if not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"dtype={dtype}; use a float type (mx.float32, mx.bfloat16, mx.float16)")

@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -167,7 +166,8 @@ def _config(values: dict, name: str) -> config.TrainConfig:
 
 
 def trunk_key(cfg: config.TrainConfig) -> str:
-    shared = {k: v for k, v in cfg.to_dict().items() if k not in BRANCH_KEYS}
+    """What names a trunk: every key that shapes the FP trajectory (not those a resumed run may change)."""
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in BRANCH_KEYS | train.RESUME_MAY_CHANGE}
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -242,6 +242,9 @@ class Sweep:
         self.results_path = self.out / f"results{suffix}.jsonl"
         self.summary_path = self.out / f"sweep{suffix}.json"
 
+    def trunk_dir(self, trunk: Trunk) -> Path:
+        return self.out / "trunks" / trunk.name
+
     @property
     def runs(self) -> List[Run]:
         return [r for t in self.trunks for r in t.runs] + self.alone
@@ -292,15 +295,6 @@ def result_record(run: Run, summary: dict) -> dict:
             "branch_tokens": run.branch_tokens, "trunk": run.trunk, "versions": versions(), "config": run.cfg.to_dict()}
 
 
-def train_dir(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = None) -> dict:
-    """Train `cfg` in `out` to the end, resuming what a killed sweep left there."""
-    if (out / train.SUMMARY).exists():
-        return json.loads((out / train.SUMMARY).read_text())
-    if checkpoint.find(out) is not None:
-        return train.run(cfg, out, resume=True)
-    shutil.rmtree(out, ignore_errors=True)  # stopped before its first checkpoint: nothing to keep
-    return train.run(cfg, out, init_from=init_from)
-
 
 def run_sweep(sweep: Sweep) -> dict:
     """Train what is left of the sweep's shard; sweep.json is rewritten after every run, so its
@@ -327,16 +321,17 @@ def run_sweep(sweep: Sweep) -> dict:
         todo = [r for r in trunk.runs if r.name not in done]
         if not todo:
             continue
-        trunk_dir = sweep.out / "trunks" / trunk.name
+        trunk_dir = sweep.trunk_dir(trunk)
         print(f"trunk {trunk.name}: {trunk.cfg.total_tokens:,} tokens, {len(todo)} runs to branch", file=sys.stderr)
-        train_dir(trunk.cfg, trunk_dir)
+        train.run_to_end(trunk.cfg, trunk_dir)
         for r in todo:
             print(f"run {r.name} (from {r.branch_tokens:,} tokens)", file=sys.stderr)
-            record(r, train_dir(r.cfg, sweep.out / "runs" / r.name, checkpoint.snapshot_path(trunk_dir, r.branch_tokens)))
+            snapshot = checkpoint.snapshot_path(trunk_dir, r.branch_tokens)
+            record(r, train.run_to_end(r.cfg, sweep.out / "runs" / r.name, snapshot))
     for r in sweep.alone:
         if r.name not in done:
             print(f"run {r.name} (from scratch)", file=sys.stderr)
-            record(r, train_dir(r.cfg, sweep.out / "runs" / r.name))
+            record(r, train.run_to_end(r.cfg, sweep.out / "runs" / r.name))
     return figures()
 
 
@@ -344,21 +339,23 @@ def run_sweep(sweep: Sweep) -> dict:
 
 
 def tokens_left(sweep: Sweep, done: Dict[str, dict]) -> Dict[str, int]:
-    """Tokens still to train per trunk config: a trunk (in full: its snapshots may be gone) and
-    its unfinished runs' own tokens, or an unfinished run that trains alone."""
+    """Tokens still to train per trunk config: an unfinished trunk (counted whole, though a
+    killed one resumes part-way) and its unfinished runs' own tokens, or an unfinished run that
+    trains alone."""
     left: Dict[str, int] = {}
     for t in sweep.trunks:
         todo = [r for r in t.runs if r.name not in done]
         if todo:
             key = trunk_key(t.cfg)
-            left[key] = left.get(key, 0) + tokens_of(t, todo)
+            trunk_done = (sweep.trunk_dir(t) / train.SUMMARY).exists()
+            left[key] = left.get(key, 0) + tokens_of(t, todo) - (t.cfg.total_tokens if trunk_done else 0)
     for r in sweep.alone:
         if r.name not in done:
             left[trunk_key(r.cfg)] = left.get(trunk_key(r.cfg), 0) + r.cfg.total_tokens
     return left
 
 
-def format_plan(sweep: Sweep, done: Dict[str, dict], rates: Dict[str, float]) -> str:
+def format_plan(sweep: Sweep, done: Dict[str, dict], left: Dict[str, int], rates: Dict[str, float]) -> str:
     f = sweep.figures()
     finished = sum(r.name in done for r in sweep.runs)
     lines = [f"{f['runs_total']} runs ({len(sweep.all_runs)} in the whole sweep, {finished} finished), "
@@ -370,7 +367,7 @@ def format_plan(sweep: Sweep, done: Dict[str, dict], rates: Dict[str, float]) ->
     lines.append(f"tokens to train {f['tokens_trained']:,} vs {f['tokens_independent']:,} as independent runs "
                  f"({saved:.0%} saved)")
     if rates:
-        seconds = sum(tokens / rates[key] for key, tokens in tokens_left(sweep, done).items())
+        seconds = sum(tokens / rates[key] for key, tokens in left.items())
         lines.append(f"ETA {seconds / 3600:.2f} h of training for what is left, at "
                      + ", ".join(f"{v:,.0f}" for v in rates.values()) + " tokens/s (measured, per trunk config)")
     return "\n".join(lines)
@@ -397,9 +394,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         sweep = Sweep(args.config, args.out, args.shard)
         done = sweep.finished()
+        left = tokens_left(sweep, done)
         configs = {trunk_key(r.cfg): r.cfg for r in sweep.runs}
-        rates = {k: measure_rate(replace(configs[k], qat_fraction=0.0)) for k in tokens_left(sweep, done)}
-        print(format_plan(sweep, done, rates))
+        rates = {k: measure_rate(replace(configs[k], qat_fraction=0.0)) for k in left}
+        print(format_plan(sweep, done, left, rates))
         if args.dry_run:
             return
         figures = run_sweep(sweep)

@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -247,7 +248,6 @@ def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None,
     """The run's model (the pretrained one, or a fresh one of `cfg.model`), plan, schedule, loss and step."""
     if start is not None:
         model = start.model
-        mx.eval(model.parameters())  # the slow read of a pretrained model's weights, after every check
     else:
         model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
     plan = plan_run(cfg, models.num_params(model))  # before freezing: N counts every weight
@@ -406,6 +406,8 @@ def begin(cfg: config.TrainConfig, out: Path, resume: bool, init_from: Optional[
     tokenizer = start.tokenizer if start is not None else None
     first = distributed.together(group, lambda: load_data(cfg, tokenizer) if writer else None)
     dataset = distributed.together(group, lambda: first if first is not None else load_data(cfg, tokenizer))
+    if start is not None:  # the slow read of its weights, after every check (a rank that fails stops them all)
+        distributed.together(group, lambda: mx.eval(start.model.parameters()))
     state = setup(cfg, dataset, group, start)
     if source is not None:
         distributed.together(group, start_from, state, source, out)
@@ -443,6 +445,18 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Opt
     finally:
         monitor.close()
     return finish(state, out, dataset, monitor, val_batches, time.perf_counter() - started, start)
+
+
+def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = None, show_progress: bool = True) -> dict:
+    """Train `cfg` in `out` to the end, whatever a killed process left there: a finished run's
+    summary is returned, a checkpointed one resumed, one killed before its first checkpoint
+    started again."""
+    if (out / SUMMARY).exists():
+        return json.loads((out / SUMMARY).read_text())
+    if checkpoint.find(out) is not None:
+        return run(cfg, out, resume=True, show_progress=show_progress)
+    shutil.rmtree(out, ignore_errors=True)  # nothing to keep
+    return run(cfg, out, init_from=init_from, show_progress=show_progress)
 
 
 def init_source(path: Optional[Path], overrides: dict) -> Optional[Path]:

@@ -231,3 +231,15 @@ def test_an_mlx_lm_data_directory_keeps_its_own_split(tmp_path):
     assert val.tolist() == [t for line in lines[300:350] for t in [sp.bos_id()] + sp.encode(line)]
     (tmp_path / "d" / "valid.jsonl").unlink()  # no valid.jsonl: validation is drawn from train.jsonl
     assert data.prepare([str(tmp_path / "d")], 300, tmp_path / "out2")["documents"] == {"train": 285, "val": 15}
+
+
+def test_an_mlx_lm_data_directory_comes_alone_and_validates_on_something(tmp_path, corpus):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in random_text(50, seed=6)))
+    with pytest.raises(data.DataError, match="pass it alone"):
+        data.prepare([str(tmp_path / "d"), str(corpus / "a.txt")], 300, tmp_path / "out")
+    (tmp_path / "d" / "valid.jsonl").write_text("\n")
+    with pytest.raises(data.DataError, match="valid.jsonl is empty; add records to it, or delete it"):
+        data.prepare([str(tmp_path / "d")], 300, tmp_path / "out")
+    assert data.split_request([str(tmp_path / "d")]) == {"split": "mlx-lm"}  # not a cache of the old, mixed split
+    assert data.split_request([str(corpus)]) == {}  # datasets prepared before keep their keys

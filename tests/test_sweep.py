@@ -2,6 +2,7 @@
 independent run reproduces."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,21 @@ def test_the_plan_counts_only_what_is_left(dataset, tmp_path):
     done = {r.name: {} for r in rest}
     assert sum(sweep.tokens_left(s, done).values()) == trunk.cfg.total_tokens + first.cfg.total_tokens - first.branch_tokens
     assert sweep.tokens_left(s, {r.name: {} for r in s.runs}) == {}
-    rate = {sweep.trunk_key(first.cfg): 128.0}
-    text = sweep.format_plan(s, done, rate)
+    left = sweep.tokens_left(s, done)
+    text = sweep.format_plan(s, done, left, {sweep.trunk_key(first.cfg): 128.0})
     assert "10 runs (10 in the whole sweep, 9 finished)" in text
     hours = (trunk.cfg.total_tokens + first.cfg.total_tokens - first.branch_tokens) / 128 / 3600
     assert f"ETA {hours:.2f} h of training for what is left" in text
+    s.trunk_dir(trunk).mkdir(parents=True)
+    (s.trunk_dir(trunk) / train.SUMMARY).write_text("{}")  # a finished trunk is not trained again
+    assert sum(sweep.tokens_left(s, done).values()) == first.cfg.total_tokens - first.branch_tokens
+
+
+def test_keys_a_resumed_run_may_change_do_not_rename_trunks(dataset, tmp_path):
+    runs, _ = planned(write_sweep(tmp_path, dataset, GRID))
+    cfg = runs[0].cfg
+    assert sweep.trunk_key(replace(cfg, report_every=7, data_cache=str(tmp_path))) == sweep.trunk_key(cfg)
+    assert sweep.trunk_key(replace(cfg, learning_rate=1e-3)) != sweep.trunk_key(cfg)
 
 
 def test_sharding_is_deterministic_disjoint_and_keeps_trunks_whole(dataset, tmp_path):
