@@ -4,6 +4,7 @@ distillation loss, and runs of `python -m mlx_qat.train --init-from MODEL` end t
 
 import mlx_qat  # noqa: F401  (first, so that MLX binds the optimized BLAS)
 
+import copy
 import json
 from pathlib import Path
 
@@ -433,6 +434,26 @@ def test_dwq_baseline_on_the_same_tokens(bpe, corpus, tmp_path):
                        dwq_learning_rate=1e-3)
     summary = train.run(cfg, tmp_path / "run", show_progress=False)
     assert np.isfinite(summary["dwq_val_loss"]) and summary["dwq_val_loss"] != summary["ptq_val_loss"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a tied head, through QuantizedEmbedding.as_linear
+def test_dwq_float_path_has_the_packed_layers_values_and_gradients(arch):
+    """What DWQ trains on a CPU: the same loss and scale/bias gradients as MLX's quantized matmul."""
+    from mlx_qat import baselines
+
+    packed = from_config({"model_type": arch, **SMALL, **ARCHS[arch]}, seed=1)
+    nn.quantize(packed, group_size=32, bits=2)
+    packed.apply_to_modules(lambda _, m: m.unfreeze(keys=["scales", "biases"], recurse=False) if hasattr(m, "bits") else None)
+    floated = baselines.float_path(copy.deepcopy(packed))
+    assert {type(m).__name__ for _, m in floated.named_modules()} >= {"FloatPathLinear", "FloatPathEmbedding"}
+    ids = mx.array([[1, 5, 9, 22, 100, 7, 300, 41, 3]])
+    results = [nn.value_and_grad(m, lambda model: loss_fn(model, ids))(m) for m in (packed, floated)]
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5)
+    a, b = dict(tree_flatten(grads_a)), dict(tree_flatten(grads_b))
+    assert a.keys() == b.keys() and any(k.endswith("scales") for k in a)
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-3, atol=1e-5, err_msg=k)
 
 
 def test_ptq_baseline_is_mlx_lm_quantization_at_the_exports_bits(bpe, corpus, tmp_path):
