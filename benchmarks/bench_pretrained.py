@@ -204,6 +204,7 @@ class Results:
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
+        self.save()
 
     def save(self) -> None:
         atomic.write_text(self.path, json.dumps(self.data, indent=2) + "\n")

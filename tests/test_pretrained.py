@@ -342,6 +342,17 @@ def test_distill_loss_matches_numpy(kl_weight):
                                  np.array(batch[:, 1:]), kl_weight)
     assert loss == pytest.approx(expected, rel=1e-5)
 
+    def plain(model, batch):  # the textbook form, through mx.logsumexp
+        log_q = (lambda s: s - mx.logsumexp(s, axis=-1, keepdims=True))(model(batch[:, :-1]))
+        log_p = (lambda t: t - mx.logsumexp(t, axis=-1, keepdims=True))(mx.stop_gradient(teacher(batch[:, :-1])))
+        ce = -mx.take_along_axis(log_q, batch[:, 1:, None], axis=-1).mean()
+        return kl_weight * (mx.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean() + (1 - kl_weight) * ce
+
+    grads = [dict(tree_flatten(nn.value_and_grad(student, f)(student, batch)[1]))
+             for f in (make_distill_loss(teacher, kl_weight), plain)]
+    for name, g in grads[0].items():
+        np.testing.assert_allclose(np.array(g), np.array(grads[1][name]), rtol=1e-3, atol=1e-6, err_msg=name)
+
 
 def test_distill_loss_edges():
     config = {"model_type": "llama", **SMALL}
