@@ -28,8 +28,12 @@ both kinds, interleaved, medians), and the peak memory (`mx.get_peak_memory`) of
 training alone with cross-entropy, distillation, freeze_embedding and grad_checkpoint.
 
 MLX's CPU quantized matmul is much slower than its float one (`matmul_512x576x1536` in the
-results), so on a CPU DWQ (which trains the packed model) dominates: one DWQ step of 4 x 128
-tokens took 95 s on a 2-core x86-64 CPU. Validation of packed models goes through their dequantized weights (mlx_qat.baselines).
+results), so on a CPU the DWQ student multiplies through its dequantized weights
+(`mlx_qat.baselines.float_path`: the same values and gradients), and packed models are validated
+through them too. The training text is small (about 3k tokens), so a QAT run sees it several
+times; cross-entropy QAT may also learn its style, while distillation, like DWQ, learns the
+reference model's distribution: the like-for-like comparison with DWQ.
+
 A smoke check: --budget-tokens 64 --batch-size 1 --seq-len 32 --bits 4 --timing-steps 1
 --out /tmp/pretrained.json.
 """
