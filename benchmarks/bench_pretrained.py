@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
-from common import machine
+from common import machine, revision
 from mlx_qat import atomic, baselines, config, data, pretrained, train
 from mlx_qat.evaluate import evaluate
 
@@ -197,7 +197,9 @@ class Results:
         if keys[-1] not in node:
             name = " ".join(keys)
             print(f"measuring {name}", file=sys.stderr, flush=True)
-            self.data.setdefault("load_average_1min_before", {})[name] = os.getloadavg()[0]  # timings need a quiet machine
+            # what made it: timings need a quiet machine, and a resumed file may span commits
+            self.data.setdefault("measured", {})[name] = {"load_average_1min_before": os.getloadavg()[0],
+                                                          "revision": revision()}
             node[keys[-1]] = measure()
             self.save()
         return node[keys[-1]]
@@ -272,7 +274,7 @@ def main():
         results.get("step_cost", measure=lambda: step_cost(args, gguf, train_file, work, args.timing_steps))
         results.get("peak_memory_bytes", measure=lambda: peak_memory(args, gguf, train_file, work))
         results.get("matmul_512x576x1536", measure=quantized_matmul)
-        for bits in args.bits:  # last: on a CPU, DWQ takes longer than everything else together
+        for bits in args.bits:  # last: the slowest baseline, and the one a short session can leave for later
             row = f"{bits}_bits"
             run = results.get("runs", row, "dwq", measure=lambda: dwq(config_for(bits), start, batches))
             results.set("held_out_loss", row, "dwq", value=run["held_out"])

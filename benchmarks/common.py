@@ -3,10 +3,23 @@
 import json
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 
 def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
+
+
+def revision() -> str:
+    """The project's git commit (with "+changes" when the tree differs from it), or "unknown"."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.strip() + ("+changes" if dirty.strip() else "")
 
 
 def emit(result: dict, path=None) -> None:

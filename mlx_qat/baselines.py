@@ -12,7 +12,7 @@ group sizes, and, when `compare: [dwq]` asks for it, mlx-lm's DWQ on the run's t
 
 PTQ and DWQ models are validated with their weights dequantized, and on a CPU DWQ trains through
 them too (`float_path`): the values and gradients the packed layers give, through float matmuls,
-since MLX's CPU quantized matmul is 26-56x slower than its float one (512 x 576 x 1536 on a
+since MLX's CPU quantized matmul is 56x slower than its float one (512 x 576 x 1536 on a
 2-core x86-64 CPU). Nothing here runs inside the training loop.
 """
 
@@ -76,7 +76,8 @@ def dequantized_weight(m: nn.Module) -> mx.array:
 
 def float_path(model: nn.Module) -> nn.Module:
     """Make the packed layers of `model` multiply through their dequantized weights, in place.
-    Each module only changes class, so it keeps its arrays and its frozen/trainable state."""
+    Each module only changes class, so it keeps its arrays and its frozen/trainable state.
+    (A MoE's QuantizedSwitchLinear keeps MLX's kernel: gather_qmm has no float counterpart here.)"""
     for _, m in model.named_modules():
         if type(m) is nn.QuantizedLinear:
             m.__class__ = FloatPathLinear
@@ -87,7 +88,7 @@ def float_path(model: nn.Module) -> nn.Module:
 
 def dwq(model: nn.Module, teacher: nn.Module, cfg, dataset: data.TokenData, steps: int) -> nn.Module:
     """mlx-lm's DWQ of a PTQ model in place, on the windows of the run's `steps` training batches.
-    On a CPU the student's packed layers go through `float_path` (the same math, ~50x faster there)."""
+    On a CPU the student's packed layers go through `float_path` (the same math; a step ~13x faster there)."""
     if mx.default_device() == mx.cpu:
         float_path(model)
     train = windows(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, k) for k in range(steps))

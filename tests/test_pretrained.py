@@ -354,6 +354,15 @@ def test_distill_loss_matches_numpy(kl_weight):
         np.testing.assert_allclose(np.array(g), np.array(grads[1][name]), rtol=1e-3, atol=1e-6, err_msg=name)
 
 
+def test_softmax_and_lse_hold_at_large_logits():
+    from mlx_qat.distill import softmax_and_lse
+
+    logits = mx.array([[1e3, 0.0, -1e3], [88.0, 89.0, 90.0]])
+    p, lse = softmax_and_lse(logits)
+    assert mx.allclose(p, mx.softmax(logits, axis=-1)).item()
+    assert mx.allclose(lse, mx.logsumexp(logits, axis=-1, keepdims=True)).item() and mx.isfinite(lse).all().item()
+
+
 def test_distill_loss_edges():
     config = {"model_type": "llama", **SMALL}
     teacher, student = from_config(config, seed=4), from_config(config, seed=5)
@@ -447,13 +456,14 @@ def test_dwq_baseline_on_the_same_tokens(bpe, corpus, tmp_path):
     assert np.isfinite(summary["dwq_val_loss"]) and summary["dwq_val_loss"] != summary["ptq_val_loss"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a tied head, through QuantizedEmbedding.as_linear
-def test_dwq_float_path_has_the_packed_layers_values_and_gradients(arch):
-    """What DWQ trains on a CPU: the same loss and scale/bias gradients as MLX's quantized matmul."""
+@pytest.mark.parametrize("arch, bits, group_size", [("llama", 2, 32), ("qwen2", 2, 32), ("qwen2", 3, 64), ("llama", 4, 64)])
+def test_dwq_float_path_has_the_packed_layers_values_and_gradients(arch, bits, group_size):
+    """What DWQ trains on a CPU: the same loss and scale/bias gradients as MLX's quantized matmul
+    (qwen2: a tied head, through QuantizedEmbedding.as_linear; 3 bits: a packing across words)."""
     from mlx_qat import baselines
 
     packed = from_config({"model_type": arch, **SMALL, **ARCHS[arch]}, seed=1)
-    nn.quantize(packed, group_size=32, bits=2)
+    nn.quantize(packed, group_size=group_size, bits=bits)
     packed.apply_to_modules(lambda _, m: m.unfreeze(keys=["scales", "biases"], recurse=False) if hasattr(m, "bits") else None)
     floated = baselines.float_path(copy.deepcopy(packed))
     assert {type(m).__name__ for _, m in floated.named_modules()} >= {"FloatPathLinear", "FloatPathEmbedding"}
