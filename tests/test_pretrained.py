@@ -6,6 +6,8 @@ import mlx_qat  # noqa: F401  (first, so that MLX binds the optimized BLAS)
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -446,6 +448,13 @@ def test_qat_from_a_gguf_on_the_command_line(hf_llama, bpe, corpus, tmp_path, ca
     assert "val loss, starting model" in table and "val loss, PTQ" in table and "m.gguf" in table
     summary = json.loads((out / "summary.json").read_text())
     check_finished(out, summary, rope_traditional=True, model_type="llama")
+    # mlx-lm's own commands on the export: generate, and chat (one turn, then `q`)
+    mlx_lm_cli = lambda *args, **kw: subprocess.run([sys.executable, "-m", "mlx_lm", *args, "--model", str(out / "model"),  # noqa: E731
+                                                     "--max-tokens", "3"], capture_output=True, text=True, timeout=300, **kw)
+    generated = mlx_lm_cli("generate", "--prompt", "hello")
+    assert generated.returncode == 0 and "Generation:" in generated.stdout, generated.stderr
+    chatted = mlx_lm_cli("chat", input="hello\nq\n")  # a turn through the chat template, then a clean exit
+    assert chatted.returncode == 0 and "bye" in chatted.stdout and "Traceback" not in chatted.stderr, chatted.stderr
     assert yaml.safe_load((out / "config.yaml").read_text())["pretrained"] == str(tmp_path / "m.gguf")
 
 
