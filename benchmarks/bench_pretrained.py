@@ -190,10 +190,15 @@ class Results:
             self.data = old
         self.data["complete"] = False  # until this command has measured all it asks for
 
-    def get(self, *keys: str, measure: Callable):
+    def parent(self, keys) -> dict:
+        """The dict that holds (or will hold) the result at `keys`."""
         node = self.data
         for key in keys[:-1]:
             node = node.setdefault(key, {})
+        return node
+
+    def get(self, *keys: str, measure: Callable):
+        node = self.parent(keys)
         if keys[-1] not in node:
             name = " ".join(keys)
             print(f"measuring {name}", file=sys.stderr, flush=True)
@@ -206,10 +211,7 @@ class Results:
 
     def set(self, *keys: str, value) -> None:
         """A figure derived from measurements (no measuring of its own)."""
-        node = self.data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
+        self.parent(keys)[keys[-1]] = value
         self.save()
 
     def save(self) -> None:
@@ -274,7 +276,7 @@ def main():
         results.get("step_cost", measure=lambda: step_cost(args, gguf, train_file, work, args.timing_steps))
         results.get("peak_memory_bytes", measure=lambda: peak_memory(args, gguf, train_file, work))
         results.get("matmul_512x576x1536", measure=quantized_matmul)
-        for bits in args.bits:  # last: the slowest baseline, and the one a short session can leave for later
+        for bits in args.bits:  # last: the slowest baseline, so a cut-short run has the rest
             row = f"{bits}_bits"
             run = results.get("runs", row, "dwq", measure=lambda: dwq(config_for(bits), start, batches))
             results.set("held_out_loss", row, "dwq", value=run["held_out"])

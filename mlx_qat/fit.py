@@ -278,14 +278,13 @@ POINT_FIT = Effort()  # the fit itself: run to convergence
 # converges in 100-800 iterations (0.1-0.5 s) to intervals that a 100x tighter ftol leaves
 # unchanged. One still going after these bounds is given up and counted, not waited on.
 RESAMPLE = Effort(maxiter=2_000, seconds=60.0, ftol=1e-10)
+SMOOTH_DELTA = 1.0  # a Huber this wide is least squares: smooth, so the grid of starts converges fast
 
 
 def not_converged() -> str:
     """What stops a resample short of L-BFGS-B's tolerance."""
     return (f"stopped at {RESAMPLE.maxiter:,} iterations or {RESAMPLE.seconds:g} s, or by a failed line search, "
             "before reaching L-BFGS-B's tolerance")
-
-SMOOTH_DELTA = 1.0  # a Huber this wide is least squares: smooth, so the grid of starts converges fast
 
 
 def _deadline(seconds: float):

@@ -295,7 +295,6 @@ def result_record(run: Run, summary: dict) -> dict:
             "branch_tokens": run.branch_tokens, "trunk": run.trunk, "versions": versions(), "config": run.cfg.to_dict()}
 
 
-
 def run_sweep(sweep: Sweep) -> dict:
     """Train what is left of the sweep's shard; sweep.json is rewritten after every run, so its
     figures (runs finished, wall time over all sittings) hold even for a sweep that was killed."""
@@ -351,7 +350,8 @@ def tokens_left(sweep: Sweep, done: Dict[str, dict]) -> Dict[str, int]:
             left[key] = left.get(key, 0) + tokens_of(t, todo) - (t.cfg.total_tokens if trunk_done else 0)
     for r in sweep.alone:
         if r.name not in done:
-            left[trunk_key(r.cfg)] = left.get(trunk_key(r.cfg), 0) + r.cfg.total_tokens
+            key = trunk_key(r.cfg)
+            left[key] = left.get(key, 0) + r.cfg.total_tokens
     return left
 
 
