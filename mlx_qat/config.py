@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get
 import yaml
 
 from .quantizers import BITS, GROUP_SIZES, QuantSpec, default_embedding_bits
-from .schedule import SCHEDULES
+from .schedule import SCHEDULES, make_schedule, plan_run
 
 # The keys of export.SCALES_DTYPES, named here so that reading a config does not import export.
 SCALES_DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -25,12 +25,12 @@ MIN_VOCAB_SIZE = 260  # byte fallback alone needs 256 byte pieces + <unk>, <s>, 
 LOSSES = ("ce", "distill")
 COMPARISONS = ("dwq",)
 # A pretrained start fine-tunes, so the keys the user leaves unset change: QAT from token 0 (the
-# model is trained already), a 2% warmup (only Adam's moments need it), and a learning rate of
+# model is trained already), 2% warmups (only Adam's moments need them), and a learning rate of
 # 1e-4. Why 1e-4: Adam moves a weight by about the learning rate per step, so 1,000 steps move it
 # up to ~0.1: across a 4-bit grid step of SmolLM2-135M's weights (group max |w| ~0.5, step
 # ~0.5/7) and through a good part of a 2-bit one (~0.25); 2e-5, usual for full fine-tuning,
 # would move 5x less, and the presets' 3e-3 is a pretraining peak that throws a trained model off.
-PRETRAINED_DEFAULTS = {"qat_fraction": 1.0, "warmup": 0.02, "learning_rate": 1e-4}
+PRETRAINED_DEFAULTS = {"qat_fraction": 1.0, "warmup": 0.02, "qat_warmup": 0.02, "learning_rate": 1e-4}
 
 
 # ---------------------------------------------------------------- coercion by declared type
@@ -159,14 +159,23 @@ class TrainConfig:
     # schedule
     schedule: str = key("separate", "separate or fused (cooldown & QAT fusion)", f"one of {', '.join(SCHEDULES)}",
                         lambda v: v in SCHEDULES)
-    warmup: float = key(0.05, "warmup, as a fraction of its phase (warmup_tokens wins when set)",
+    warmup: float = key(0.05, "FP warmup, as a fraction of the FP phase (warmup_tokens wins when set)",
                         "a fraction of the phase in [0, 1], e.g. 0.05", fraction)
-    cooldown: float = key(0.2, "cooldown, as a fraction of its phase (cooldown_tokens wins when set)",
+    cooldown: float = key(0.2, "FP cooldown, as a fraction of the FP phase (cooldown_tokens wins when set)",
                           "a fraction of the phase in [0, 1], e.g. 0.2", fraction)
-    warmup_tokens: Optional[int] = key(None, "warmup of each phase in tokens; when set, wins over the fraction `warmup`",
-                                       "null or an integer >= 0, e.g. 1e5", non_negative)
-    cooldown_tokens: Optional[int] = key(None, "cooldown of each phase in tokens; when set, wins over the fraction `cooldown`",
+    warmup_tokens: Optional[int] = key(None, "FP warmup in tokens; when set, wins over `warmup` (runs with "
+                                       "different D_fp then share their FP rates)", "null or an integer >= 0, e.g. 1e5",
+                                       non_negative)
+    cooldown_tokens: Optional[int] = key(None, "FP cooldown in tokens; when set, wins over `cooldown`",
                                          "null or an integer >= 0, e.g. 4e5", non_negative)
+    qat_warmup: float = key(0.05, "QAT warmup (separate, or QAT from token 0), as a fraction of the QAT phase",
+                            "a fraction of the phase in [0, 1], e.g. 0.05", fraction)
+    qat_cooldown: float = key(0.2, "QAT cooldown under separate, as a fraction of the QAT phase (fused decays over "
+                              "all of it)", "a fraction of the phase in [0, 1], e.g. 0.2", fraction)
+    qat_warmup_tokens: Optional[int] = key(None, "QAT warmup in tokens; when set, wins over `qat_warmup`",
+                                           "null or an integer >= 0, e.g. 1e4", non_negative)
+    qat_cooldown_tokens: Optional[int] = key(None, "QAT cooldown in tokens; when set, wins over `qat_cooldown`",
+                                             "null or an integer >= 0, e.g. 1e5", non_negative)
     # run
     seed: int = key(0, "random seed of the model and the batches", "an integer >= 0, e.g. 0", non_negative)
     report_every: int = key(10, "steps between progress records", "a positive integer, e.g. 10", positive)
@@ -193,10 +202,15 @@ class TrainConfig:
         QuantSpec(self.bits, self.group_size)  # raises with the allowed values
         if self.embedding_bits is not None:
             QuantSpec(self.embedding_bits, self.group_size)
-        if self.warmup + self.cooldown > 1:
-            raise ValueError(f"warmup + cooldown = {self.warmup} + {self.cooldown} exceeds the phase; make the sum <= 1")
+        for prefix in ("", "qat_"):
+            warmup, cooldown = getattr(self, prefix + "warmup"), getattr(self, prefix + "cooldown")
+            if warmup + cooldown > 1:
+                raise ValueError(f"{prefix}warmup + {prefix}cooldown = {warmup} + {cooldown} exceeds the phase; "
+                                 "make the sum <= 1")
         if self.total_tokens < self.tokens_per_step:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one step of {self.tokens_per_step} tokens")
+        if self.qat_fraction != "auto":  # N only matters to `auto`; then the check waits for the model
+            make_schedule(self, plan_run(self, n_params=0))
         if self.snapshot_at and self.snapshot_at[-1] > self.total_tokens:
             raise ValueError(f"snapshot_at={self.snapshot_at} goes past total_tokens={self.total_tokens}; "
                              "use token counts <= total_tokens")

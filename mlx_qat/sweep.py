@@ -23,8 +23,10 @@ its snapshot it trains on as an ordinary `--init-from` run, so each record's `co
 `python -m mlx_qat.train` reproduces that run on its own.
 
 DIR receives trunks/, runs/, results.jsonl (one record per finished run, appended atomically)
-and sweep.json (the plan and what was measured). Rerunning the same command resumes: finished
-runs are neither redone nor duplicated, killed trunks and runs continue from their checkpoints.
+and sweep.json (the plan and what was measured); `--results-dir` keeps the last two elsewhere
+(e.g. under version control). Rerunning the same command resumes: finished runs are neither
+redone nor duplicated, killed trunks and runs continue from their checkpoints, and on a machine
+with the results alone the unfinished trunks are trained again and branched from.
 `--shard i/n` splits the trunks (with their runs) deterministically over n processes/machines;
 each shard writes results-i-of-n.jsonl, and `mlx_qat.fit DIR` reads them all.
 """
@@ -46,11 +48,13 @@ import mlx.core as mx  # noqa: E402
 import yaml  # noqa: E402
 
 from . import atomic, checkpoint, config, data, model as models, train  # noqa: E402
+from .schedule import RunPlan, make_schedule, plan_run  # noqa: E402
 
 SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
 # Keys that change a run only after it leaves the FP trunk; every other key shapes the trunk.
 BRANCH_KEYS = {"total_tokens", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
-               "cooldown_tokens", "keep_optimizer_state", "export_scales", "snapshot_at"}
+               "cooldown_tokens", "qat_warmup", "qat_cooldown", "qat_warmup_tokens", "qat_cooldown_tokens",
+               "keep_optimizer_state", "export_scales", "snapshot_at"}
 SET_BY_SWEEP = {"snapshot_at"}
 
 
@@ -131,16 +135,16 @@ def expand(base: dict, grids: List[dict], fp_baselines: bool) -> List[Run]:
     """Every run of each grid (keys crossed in file order; a list of grids is their union),
     then the FP baselines; checked as train configs. Warmup is fixed in tokens so that runs
     can share their FP trunk."""
-    runs = []
+    points = []
     for grid in grids:
         for values in itertools.product(*grid.values()):
             point = dict(zip(grid, values))
-            name = "_".join(f"{k}-{_value_name(v)}" for k, v in point.items())
-            runs.append(Run(name, _config({**base, **point}, name)))
+            points.append(("_".join(f"{k}-{_value_name(v)}" for k, v in point.items()), {**base, **point}))
+    runs = _runs(points)
     shortest = min(r.cfg.total_tokens for r in runs)
-    for r in runs:  # a warmup given as a fraction becomes tokens: that of the shortest run
-        if r.cfg.warmup_tokens is None:
-            r.cfg = replace(r.cfg, warmup_tokens=round(r.cfg.warmup * shortest))
+    if any(r.cfg.warmup_tokens is None for r in runs):  # a warmup given as a fraction becomes tokens: the shortest run's
+        warmup = lambda cfg: cfg.warmup_tokens if cfg.warmup_tokens is not None else round(cfg.warmup * shortest)  # noqa: E731
+        runs = _runs([(r.name, {**r.cfg.to_dict(), "warmup_tokens": warmup(r.cfg)}) for r in runs])
     if fp_baselines:
         keys = list(dict.fromkeys(k for grid in grids for k in grid if k not in BRANCH_KEYS))
         seen = {}
@@ -151,6 +155,20 @@ def expand(base: dict, grids: List[dict], fp_baselines: bool) -> List[Run]:
                 name = "fp_" + "_".join(f"{k}-{_value_name(v)}" for k, v in point.items())
                 seen[key] = Run(name, replace(r.cfg, qat_fraction=0.0))
         runs += seen.values()
+    return runs
+
+
+def _runs(points: List[Tuple[str, dict]]) -> List[Run]:
+    """The runs of (name, config values) pairs, or one error naming every refused run."""
+    runs, refused = [], []
+    for name, values in points:
+        try:
+            runs.append(Run(name, _config(values, name)))
+        except SweepError as e:
+            refused.append(str(e))
+    if refused:
+        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+        raise SweepError(f"{len(refused)} runs of the grid are refused: {'; '.join(refused[:3])}{more}")
     return runs
 
 
@@ -171,16 +189,13 @@ def trunk_key(cfg: config.TrainConfig) -> str:
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def branch_point(cfg: config.TrainConfig, plan: train.RunPlan) -> int:
-    """The last step boundary up to which the run's learning rates equal a constant-rate trunk's."""
-    schedule = train.make_schedule(cfg, plan)
-    if plan.qat_steps == 0:
-        leaves = plan.total_tokens - schedule.phase_cooldown(plan.total_tokens)
-    elif cfg.schedule == "fused":
-        leaves = plan.fp_tokens
-    else:
-        leaves = plan.fp_tokens - schedule.phase_cooldown(plan.fp_tokens)
-    return int(leaves // plan.tokens_per_step) * plan.tokens_per_step
+def branch_point(cfg: config.TrainConfig, plan: RunPlan) -> int:
+    """The last step boundary up to which the run's learning rates equal a constant-rate trunk's:
+    where its FP phase's cooldown starts (none under fused: where QAT starts)."""
+    if plan.fp_steps == 0:
+        return 0
+    _, _, length, _, cooldown = next(make_schedule(cfg, plan).phases())
+    return int((length - cooldown) // plan.tokens_per_step) * plan.tokens_per_step
 
 
 def attach_trunks(runs: List[Run], n_params: Dict[str, int]) -> List[Trunk]:
@@ -189,7 +204,7 @@ def attach_trunks(runs: List[Run], n_params: Dict[str, int]) -> List[Trunk]:
     trunks: Dict[str, Trunk] = {}
     for r in runs:
         key = trunk_key(r.cfg)
-        r.branch_tokens = branch_point(r.cfg, train.plan_run(r.cfg, n_params[key]))
+        r.branch_tokens = branch_point(r.cfg, plan_run(r.cfg, n_params[key]))
         if r.branch_tokens == 0:
             continue
         if key not in trunks:
@@ -225,7 +240,7 @@ def tokens_of(t: Trunk, runs: Optional[List[Run]] = None) -> int:
 
 
 class Sweep:
-    def __init__(self, path: Path, out: Path, shard_spec: Tuple[int, int] = (0, 1)):
+    def __init__(self, path: Path, out: Path, shard_spec: Tuple[int, int] = (0, 1), results_dir: Optional[Path] = None):
         self.out, (self.index, self.count) = Path(out), shard_spec
         base, grids, fp_baselines = read_sweep(path)
         runs = expand(base, grids, fp_baselines)
@@ -239,8 +254,9 @@ class Sweep:
         self.all_runs = runs
         self.trunks, self.alone = shard(trunks, alone, self.index, self.count)
         suffix = "" if self.count == 1 else f"-{self.index}-of-{self.count}"
-        self.results_path = self.out / f"results{suffix}.jsonl"
-        self.summary_path = self.out / f"sweep{suffix}.json"
+        results_dir = self.out if results_dir is None else Path(results_dir)
+        self.results_path = results_dir / f"results{suffix}.jsonl"
+        self.summary_path = results_dir / f"sweep{suffix}.json"
 
     def trunk_dir(self, trunk: Trunk) -> Path:
         return self.out / "trunks" / trunk.name
@@ -299,6 +315,7 @@ def run_sweep(sweep: Sweep) -> dict:
     """Train what is left of the sweep's shard; sweep.json is rewritten after every run, so its
     figures (runs finished, wall time over all sittings) hold even for a sweep that was killed."""
     sweep.out.mkdir(parents=True, exist_ok=True)
+    sweep.results_path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(sweep.summary_path.read_text()) if sweep.summary_path.exists() else {}
     started = time.perf_counter()
     done = sweep.finished()
@@ -390,9 +407,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="sweep directory (rerun to resume)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its measured ETA, train nothing")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="run shard i of n (whole trunks per shard)")
+    parser.add_argument("--results-dir", type=Path, help="where results.jsonl and sweep.json live (default: --out); "
+                        "runs recorded there are not trained again, so a sweep resumes from its committed results alone")
     args = parser.parse_args(argv)
     try:
-        sweep = Sweep(args.config, args.out, args.shard)
+        sweep = Sweep(args.config, args.out, args.shard, args.results_dir)
         done = sweep.finished()
         left = tokens_left(sweep, done)
         configs = {trunk_key(r.cfg): r.cfg for r in sweep.runs}

@@ -49,62 +49,9 @@ from .distill import make_distill_loss  # noqa: E402
 from .evaluate import evaluate, loss_fn  # noqa: E402
 from .layers import QATEmbedding, is_learned_scale, quant_specs, to_qat  # noqa: E402
 from .monitor import Monitor, TrainingError  # noqa: E402
-from .schedule import Schedule  # noqa: E402
+from .schedule import RunPlan, Schedule, make_schedule, plan_run  # noqa: E402
 
 SUMMARY = "summary.json"
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """How the token budget splits into FP and QAT steps."""
-
-    n_params: int
-    tokens_per_step: int
-    fp_steps: int
-    qat_steps: int
-    bits: float
-
-    @property
-    def total_steps(self) -> int:
-        return self.fp_steps + self.qat_steps
-
-    @property
-    def fp_tokens(self) -> int:
-        return self.fp_steps * self.tokens_per_step
-
-    @property
-    def qat_tokens(self) -> int:
-        return self.qat_steps * self.tokens_per_step
-
-    @property
-    def total_tokens(self) -> int:
-        return self.total_steps * self.tokens_per_step
-
-    @property
-    def qat_fraction(self) -> float:
-        return self.qat_steps / self.total_steps
-
-    @property
-    def s_total(self) -> float:
-        return float(law.tokens_per_param_byte(self.total_tokens, self.n_params, self.bits))
-
-
-def plan_run(cfg: config.TrainConfig, n_params: int) -> RunPlan:
-    total_steps = cfg.total_tokens // cfg.tokens_per_step
-    f = cfg.qat_fraction
-    if f == "auto":
-        s_total = law.tokens_per_param_byte(total_steps * cfg.tokens_per_step, n_params, cfg.bits)
-        f = float(law.predicted_qat_fraction(s_total))
-    qat_steps = round(total_steps * f)
-    if f > 0 and qat_steps == 0:
-        qat_steps = 1  # a QAT run gets at least one QAT step
-    return RunPlan(n_params, cfg.tokens_per_step, total_steps - qat_steps, qat_steps, cfg.bits)
-
-
-def make_schedule(cfg: config.TrainConfig, plan: RunPlan) -> Schedule:
-    """The run's learning rate at every token, from its config and its FP/QAT split."""
-    return Schedule(cfg.learning_rate, plan.fp_tokens, plan.qat_tokens, cfg.schedule, cfg.warmup, cfg.cooldown,
-                    cfg.warmup_tokens, cfg.cooldown_tokens)
 
 
 # ---------------------------------------------------------------- data, model, optimizer, step
@@ -343,7 +290,7 @@ def train_range(state: RunState, end: int, dataset: data.TokenData, monitor: Mon
     """Steps state.step .. end − 1 at the schedule's learning rates; knows nothing of phases."""
     cfg, tokens_per_step = state.cfg, state.plan.tokens_per_step
     for step in range(state.step, end):
-        lr = state.schedule((step + 0.5) * tokens_per_step)  # the LR at the middle of this step
+        lr = state.schedule.at_step(step, tokens_per_step)
         state.optimizer.learning_rate = lr
         batch = data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)
         loss = state.step_fn(mx.array(batch if state.group is None else distributed.rows(batch, state.group)))

@@ -68,6 +68,10 @@ BAD = [
     ("cooldown", 1.5, None), ("cooldown", "abc", None), ("cooldown", 0.99, "warmup + cooldown"),
     ("warmup_tokens", -1, None), ("warmup_tokens", "abc", None), ("warmup_tokens", 1.5, None),
     ("cooldown_tokens", -1, None), ("cooldown_tokens", "x", None),
+    ("qat_warmup", 1.5, None), ("qat_warmup", "abc", None),
+    ("qat_cooldown", -0.2, None), ("qat_cooldown", 0.99, "qat_warmup + qat_cooldown"),
+    ("qat_warmup_tokens", -1, None), ("qat_warmup_tokens", 2.5, None),
+    ("qat_cooldown_tokens", "x", None), ("qat_cooldown_tokens", -5, None),
     ("seed", "abc", None), ("seed", -1, None), ("seed", 0.5, None),
     ("report_every", 0, None), ("report_every", "abc", None), ("eval_every", 0, None), ("eval_every", "abc", None),
     ("eval_batches", 0, None), ("eval_batches", "abc", None), ("checkpoint_every", 0, None), ("checkpoint_every", "abc", None),
@@ -143,7 +147,7 @@ def test_warmup_and_cooldown_in_tokens():
     help_text = config.describe_keys()
     for key, fraction in (("warmup", "warmup"), ("cooldown", "cooldown")):
         line = next(l for l in help_text.splitlines() if l.split()[0] == f"--{key}-tokens")
-        assert f"wins over the fraction `{fraction}`" in line
+        assert f"wins over `{fraction}`" in line
 
 
 def test_snapshots_are_sorted_positive_token_counts():

@@ -100,6 +100,8 @@ def test_sharding_is_deterministic_disjoint_and_keeps_trunks_whole(dataset, tmp_
     ({"base": "base.yaml", "grid": {"snapshot_at": [[512]]}}, "set by the sweep"),
     ({"base": "base.yaml", "grid": {}}, "the grid is empty"),
     ({"base": "base.yaml", "grid": {"bits": [2, 2]}}, "repeats a value"),
+    ({"base": "base.yaml", "grid": {"qat_fraction": [0.5, 0.95]}},
+     "1 runs of the grid are refused: run qat_fraction-0.95: the FP phase \\(256 tokens\\) is too short"),
 ])
 def test_bad_sweep_files_are_clear_errors(dataset, tmp_path, doc, message):
     write_sweep(tmp_path, dataset, {"bits": [2]})
@@ -183,3 +185,31 @@ def test_a_killed_sweep_resumes_with_exactly_the_right_records(dataset, tmp_path
     assert figures["runs_finished"] == 5
     again = sweep.run_sweep(sweep.Sweep(path, out))  # nothing left to do, nothing duplicated
     assert [r["name"] for r in records(out / "results.jsonl")] == names and again["runs_finished"] == 5
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_from_its_results_alone(dataset, tmp_path, monkeypatch):
+    """On a machine with only the results directory: finished runs are not trained again, the
+    unfinished trunk is, and the records end complete and unduplicated."""
+    path, committed = write_sweep(tmp_path, dataset, SMALL_GRID), tmp_path / "committed"
+    append = sweep.atomic.append_line
+
+    def killed_at_third_record(p, line):
+        if p.exists() and len(records(p)) == 2:
+            raise KeyboardInterrupt
+        append(p, line)
+    monkeypatch.setattr(sweep.atomic, "append_line", killed_at_third_record)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(sweep.Sweep(path, tmp_path / "first", results_dir=committed))
+    monkeypatch.setattr(sweep.atomic, "append_line", append)
+    first = [r["name"] for r in records(committed / "results.jsonl")]
+    assert len(first) == 2 and not (committed / "trunks").exists()
+
+    trained = []
+    run_to_end = train.run_to_end
+    monkeypatch.setattr(train, "run_to_end", lambda cfg, out, *a, **k: trained.append(out.name) or run_to_end(cfg, out, *a, **k))
+    figures = sweep.run_sweep(sweep.Sweep(path, tmp_path / "second", results_dir=committed))
+    names = [r["name"] for r in records(committed / "results.jsonl")]
+    assert names[:2] == first and sorted(names) == sorted(r.name for r in sweep.Sweep(path, tmp_path / "x").runs)
+    assert trained[0].startswith("trunk_") and set(trained[1:]) == set(names[2:])  # the trunk again, then the rest
+    assert figures["runs_finished"] == 5 and json.loads((committed / "sweep.json").read_text())["runs_finished"] == 5
