@@ -4,7 +4,7 @@ beside a training-like load.
     python benchmarks/bench_fit.py [--laws 8] [--busy N] [--out benchmarks/results/fit.json]
 
 Recovery: for each of --laws laws whose parameters are the reference law's randomly perturbed
-(fit.perturbed_law), a 525-run synthetic sweep with 1% log-normal noise is fitted; the figure is
+(synthetic.perturbed_law), a 525-run synthetic sweep with 1% log-normal noise is fitted; the figure is
 the largest |f_fit - f_true| of the optimal QAT fraction over (N, D, B) points inside the sweep
 (target: <= 0.05).
 Time: `python -m mlx_qat.fit RESULTS --out law.json` with its defaults (100 bootstrap
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common import emit, machine
-from mlx_qat import fit, plan
+from mlx_qat import fit, plan, results, synthetic
 from mlx_qat.law import Law
 
 REFERENCE = Law(alpha=1.7, beta=410, gamma=0.28, zeta=400, eta=0.34, theta=0.08, kappa=0.7, phi=60, chi=0.9, psi=0.15,
@@ -37,8 +37,8 @@ POINTS = [(n, s, b) for n in (3e7, 1e8, 3e8) for s in (30, 300, 3e3, 3e4) for b 
 def recovery(laws: int, rng: np.random.Generator) -> dict:
     errors, seconds = [], []
     for _ in range(laws):
-        truth = fit.perturbed_law(REFERENCE, rng)
-        runs = fit.synthetic_runs(truth, rng)
+        truth = synthetic.perturbed_law(REFERENCE, rng)
+        runs = synthetic.synthetic_runs(truth, rng)
         start = time.perf_counter()
         law = fit.fit(runs, bootstrap=0).law
         seconds.append(time.perf_counter() - start)
@@ -49,7 +49,7 @@ def recovery(laws: int, rng: np.random.Generator) -> dict:
             "target": 0.05, "point_fit_seconds": [round(s, 2) for s in seconds]}
 
 
-def write_results(path: Path, runs: fit.Runs) -> None:
+def write_results(path: Path, runs: results.Runs) -> None:
     with open(path, "w") as f:
         for i in range(len(runs)):
             b = None if math.isnan(runs.bits[i]) else float(runs.bits[i])
@@ -59,7 +59,7 @@ def write_results(path: Path, runs: fit.Runs) -> None:
 
 def timed_command(busy: int, rng: np.random.Generator) -> dict:
     """Wall time of the fit command beside `busy` spinning processes."""
-    runs = fit.synthetic_runs(fit.perturbed_law(REFERENCE, rng), rng)
+    runs = synthetic.synthetic_runs(synthetic.perturbed_law(REFERENCE, rng), rng)
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results.jsonl"
         write_results(results, runs)

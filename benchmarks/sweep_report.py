@@ -1,5 +1,6 @@
-"""What a sweep measured, beyond the law's fit: best fraction per group, fused vs separate, and
-the tokens that sharing saved.
+"""What a sweep measured, beyond the law's fit: best fraction per group and its trend with S_total
+per schedule (Spearman), fused vs separate at matched fractions, the tokens that sharing saved,
+and the protocol each run trained under (its QAT steps and the rate its last step saw).
 
     python benchmarks/sweep_report.py benchmarks/results/sweep [--out benchmarks/results/sweep/report.json]
 """
@@ -10,8 +11,37 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from common import emit
+from mlx_qat import config
+from mlx_qat.schedule import make_schedule, plan_run
+
+
+def protocol(record: dict) -> dict:
+    """The run's QAT steps and the rate of its last step (as a fraction of the peak), from its
+    config under this revision's schedule (a sweep run from a fixed commit saw the same); None
+    for a run whose phases that schedule refuses as too short to be whole."""
+    try:
+        cfg = config.TrainConfig(**record["config"])
+        plan = plan_run(cfg, record["N"])
+        last = make_schedule(cfg, plan).at_step(plan.total_steps - 1, plan.tokens_per_step) / cfg.learning_rate
+    except ValueError:
+        return None
+    return {"qat_steps": plan.qat_steps, "last_step_lr_fraction": last}
+
+
+def trend(groups: list) -> dict:
+    """Spearman's rank correlation of the best fraction with S_total, per bit width and over all."""
+    out = {}
+    for name, members in [("all", groups)] + [(f"{b:g} bits", [g for g in groups if g["B"] == b])
+                                               for b in sorted({g["B"] for g in groups})]:
+        if len({g["S_total"] for g in members}) > 2:
+            rho, p = spearmanr([g["S_total"] for g in members], [g["best_fraction"] for g in members])
+            defined = np.isfinite(rho)  # undefined when every group's best fraction is the same
+            out[name] = {"spearman": float(rho) if defined else None, "p_value": float(p) if defined else None,
+                         "groups": len(members)}
+    return out
 
 
 def main():
@@ -44,8 +74,14 @@ def main():
         for k, v in json.loads(f.read_text()).items():
             if isinstance(v, (int, float)):
                 figures[k] = figures.get(k, 0) + v
+    checks = [protocol(r) for r in records if r["B"] is not None]
+    whole = [c for c in checks if c is not None]
     emit({
         "command": f"python benchmarks/sweep_report.py {args.sweep}",
+        "protocol": {"qat_runs": len(checks), "refused_as_not_whole": len(checks) - len(whole),
+                     "min_qat_steps": min((c["qat_steps"] for c in whole), default=None),
+                     "max_last_step_lr_fraction": max((c["last_step_lr_fraction"] for c in whole), default=None)},
+        "trend": {s: trend([g for g in groups if g["schedule"] == s]) for s in ("separate", "fused")},
         "runs": len(records),
         "sweep": figures,
         "tokens_saved_by_sharing": 1 - figures["tokens_trained"] / figures["tokens_independent"] if figures.get("tokens_independent") else None,

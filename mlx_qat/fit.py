@@ -1,57 +1,56 @@
 """Fit the QAT loss scaling law to sweep results.
 
-    python -m mlx_qat.fit RESULTS [RESULTS ...] --out law.json [--plot DIR] [--bootstrap 100] [--workers 1]
+    python -m mlx_qat.fit RESULTS [RESULTS ...] --out law.json [--plot DIR] [--bootstrap 100] [--held-out]
 
-Each RESULTS is a JSON-lines file with one record per run, or a sweep directory (its
-results.jsonl and its shards' results-i-of-n.jsonl). A record needs N, D_fp, D_qat, B (absent or
-null for FP-only runs) and final_val_loss; other fields are ignored.
+Each RESULTS is a JSON-lines file with one record per run, or a sweep directory (see
+mlx_qat.results). The FP losses measured at the switch of separate-schedule runs join the
+FP-only runs as observations of the law's Chinchilla part (--no-fp-anchors leaves them out).
 
 The fit follows Besiroglu et al.'s Chinchilla refit: a Huber loss on log-loss residuals,
 coefficients in log space, L-BFGS-B from a grid of starts, the best kept. Its δ is Huber's
 1.345·σ for the residuals' robust scale σ (at least 1e-3, the refit's fixed value). Bootstrap
 resamples, each refitted from the optimum, give 95% intervals; one that has not converged
 within its iteration and time bounds is counted and left out of them, not waited on. It reports R²
-overall and per bit width, and refits the predictor's constant a to the best fraction of each
-(N, D_total, B) group.
+overall and per bit width, every parameter that ended at a bound of its search range (a term the
+data cannot pin down), and refits the predictor's constant a to the best fraction of each
+(N, D_total, B) group. --held-out also fits the runs of every model size but its largest budget
+and predicts that budget's runs: the error a planner would make, judged as the paper judges
+its law, beside the predictor's.
 
-Cost: every L-BFGS-B run keeps OpenBLAS to one thread, so a fit beside a training run is slowed
-by its share of the cores, not stalled by BLAS threads waiting for them. Progress bars go to stderr;
---workers spreads the resamples over processes where cores are free.
-
-Sweeps that include QAT fractions near 0 and 1 (say 0.02 and 0.98) pin the optimal fraction
-down about twice as tightly as fractions 0.1-0.9 alone.
+Every L-BFGS-B run keeps OpenBLAS to one thread (mlx_qat.blas_threads), so a fit beside a
+training run is slowed by its share of the cores, not stalled by BLAS threads waiting for them.
+Progress bars go to stderr; --workers spreads the resamples over processes where cores are free.
 """
 
 import argparse
-import ctypes
 import itertools
-import json
 import math
-import os
-import re
 import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import OptimizeResult, minimize, minimize_scalar
 from tqdm import tqdm
 
 from . import law as scaling
+from .blas_threads import one_blas_thread
 from .law import PARAMS, Law, save_law
+from .results import FitError, Runs, read_results
 
 HUBER_DELTA = 1e-3  # the smallest δ: the Chinchilla refit's, for sweeps with little noise
 MIN_POINTS = 2 * len(PARAMS)  # well-posed only with comfortably more runs than parameters
-REQUIRED = ("N", "D_fp", "D_qat", "final_val_loss")
 
-# Bounds in the fit's coordinates (logs of coefficients, raw exponents).
+# The search range of each parameter (logs of coefficients, raw exponents). The coefficients are
+# searched more widely in the fit's own coordinates; one that ends outside its range here is
+# reported as at its bound all the same.
 BOUNDS = {
     "alpha": (-10, 5), "beta": (-20, 30), "gamma": (0, 2), "zeta": (-20, 30), "eta": (0, 2),
     "theta": (-20, 5), "kappa": (0, 5), "phi": (-20, 20), "chi": (0, 5), "psi": (0, 3), "omega": (0, 3),
@@ -59,87 +58,17 @@ BOUNDS = {
 }
 
 
-class FitError(ValueError):
-    pass
-
-
-@dataclass
-class Runs:
-    """Sweep results as arrays (B is NaN for FP-only runs)."""
-
-    n: np.ndarray
-    d_fp: np.ndarray
-    d_qat: np.ndarray
-    bits: np.ndarray
-    loss: np.ndarray
-
-    def __len__(self):
-        return len(self.loss)
-
-    @property
-    def is_qat(self) -> np.ndarray:
-        return np.isfinite(self.bits)
-
-
-SHARD_RESULTS = re.compile(r"results-\d+-of-\d+\.jsonl")  # what each shard of a sweep writes
-
-
-def results_files(path: Path) -> List[Path]:
-    """A results file as given; a sweep directory as its results.jsonl and shard results."""
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.name == "results.jsonl" or SHARD_RESULTS.fullmatch(p.name))
-    if not files:
-        raise FitError(f"{path} is a directory without results.jsonl; pass a sweep directory "
-                       "(python -m mlx_qat.sweep --out DIR) or the results file itself")
-    return files
-
-
-def read_results(*paths: Path, schedule: Optional[str] = None) -> Runs:
-    """Read and check the results of one or more files or sweep directories (see results_files);
-    with `schedule`, only the records of that schedule (or with none recorded)."""
-    files = list(dict.fromkeys(f.resolve() for path in paths for f in results_files(path)))  # each file once
-    rows = [row for f in files for row in _read_records(f, schedule)]
-    if not rows:
-        raise FitError(f"{', '.join(map(str, paths))} holds no results" + (f" of schedule {schedule}" if schedule else ""))
-    return Runs(*map(np.array, zip(*rows)))
-
-
-def _read_records(path: Path, schedule: Optional[str] = None) -> List[tuple]:
-    """(N, D_fp, D_qat, B, loss) per record; every problem names the line and the fix."""
-    if not path.exists():
-        raise FitError(f"{path} does not exist")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FitError(f"{path}:{i} is not JSON ({e})") from e
-        if not isinstance(record, dict):
-            raise FitError(f"{path}:{i} is not a JSON object; each line holds one run's record")
-        missing = [k for k in REQUIRED if record.get(k) is None]
-        if missing:
-            raise FitError(f"{path}:{i} lacks {', '.join(missing)}; each run needs {', '.join(REQUIRED)} (and B for QAT runs)")
-        b = record.get("B")
-        values = [record[k] for k in REQUIRED]
-        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) for v in values):
-            raise FitError(f"{path}:{i}: N, D_fp, D_qat and final_val_loss must be finite numbers")
-        if schedule is not None and record.get("schedule", schedule) != schedule:
-            continue
-        n, d_fp, d_qat, loss = map(float, values)
-        qat = b is not None and d_qat > 0
-        if n <= 0 or loss <= 0 or d_fp < 0 or d_qat < 0 or d_fp + d_qat <= 0:
-            raise FitError(f"{path}:{i}: N, final_val_loss and D_fp + D_qat must be positive, D_fp and D_qat non-negative")
-        if qat and d_fp <= 0:
-            raise FitError(f"{path}:{i}: a QAT run with D_fp = 0 (QAT from scratch) puts the law's S_fp at 0, "
-                           "where it is unbounded; leave such runs out")
-        if qat and not (isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0):
-            raise FitError(f"{path}:{i}: B must be a positive number of bits, or null for FP-only runs")
-        rows.append((n, d_fp, d_qat, float(b) if qat else np.nan, loss))
-    return rows
+def at_bounds(law: Law, tolerance: float = 1e-3) -> Dict[str, str]:
+    """Each parameter that ended at (or past) a bound of its search range: name -> 'lower'/'upper'."""
+    out = {}
+    for k, v in zip(PARAMS, law.to_vector()):
+        lo, hi = BOUNDS[k]
+        margin = tolerance * (hi - lo)
+        if v <= lo + margin:
+            out[k] = "lower"
+        elif v >= hi - margin:
+            out[k] = "upper"
+    return out
 
 
 # ---------------------------------------------------------------- the objective
@@ -220,47 +149,6 @@ class Coordinates:
 
 
 # ---------------------------------------------------------------- bounded, single-threaded optimisation
-
-
-def _openblas_thread_controls() -> List[Tuple]:
-    """(get, set) of the thread count of each OpenBLAS in this process (numpy's and scipy's
-    wheels each bundle one). Linux only: elsewhere numpy uses Accelerate or its BLAS as built."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return []
-    controls = []
-    for path in sorted({line.split(maxsplit=5)[-1] for line in maps.splitlines() if "openblas" in line.lower()}):
-        try:
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)  # already loaded: this only finds it
-        except OSError:
-            continue
-        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_")):
-            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-            set_ = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if get and set_:
-                controls.append((get, set_))
-                break
-    return controls
-
-
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Run OpenBLAS on one thread inside the block.
-
-    Each L-BFGS-B iteration on these 16 parameters makes a few tiny BLAS calls, which scipy's
-    OpenBLAS still hands to its threads; when training keeps the cores busy those threads wait
-    for one. On 2 cores beside 2 busy processes one start of the fit took 0.2-0.5 s on one
-    thread and 0.7-7 s on two; the whole fit of 525 runs, 40 s instead of 2."""
-    controls = _openblas_thread_controls()
-    before = [get() for get, _ in controls]
-    for _, set_ in controls:
-        set_(1)
-    try:
-        yield
-    finally:
-        for (_, set_), n in zip(controls, before):
-            set_(n)
 
 
 @dataclass(frozen=True)
@@ -406,10 +294,10 @@ def bits_label(b: float) -> str:
 def r_squared_by_bits(runs: Runs, law: Law) -> Dict[str, float]:
     pred = law(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     labels = np.array([bits_label(b) for b in runs.bits])
-    return {lab: r_squared(runs.loss[labels == lab], pred[labels == lab]) for lab in sorted(set(labels), key=_bits_order)}
+    return {lab: r_squared(runs.loss[labels == lab], pred[labels == lab]) for lab in sorted(set(labels), key=bits_order)}
 
 
-def _bits_order(label: str) -> float:
+def bits_order(label: str) -> float:
     return math.inf if label == "fp" else float(label)
 
 
@@ -440,13 +328,14 @@ def fit_predictor_constant(groups: List[dict]) -> Optional[float]:
     return float(res.x)
 
 
-def s_total_range(runs: Runs) -> Optional[List[float]]:
-    """[min, max] S_total of the QAT runs: where the law was fitted (planning warns outside it)."""
+def fitted_range(runs: Runs) -> dict:
+    """Where the law was fitted (a planner says when a question lies outside it): [min, max] of
+    N and of the QAT runs' S_total, and their bit widths."""
     qat = runs.is_qat
-    if not qat.any():
-        return None
     s = scaling.tokens_per_param_byte(runs.d_fp[qat] + runs.d_qat[qat], runs.n[qat], runs.bits[qat])
-    return [float(s.min()), float(s.max())]
+    return {"N_range": [float(runs.n.min()), float(runs.n.max())],
+            "S_total_range": [float(s.min()), float(s.max())] if qat.any() else None,
+            "bits": sorted(float(b) for b in set(runs.bits[qat]))}
 
 
 DEFAULT_BOOTSTRAP = 100
@@ -466,6 +355,8 @@ class FitResult:
     bootstrap: int = 0  # resamples asked for
     bootstrap_failed: int = 0  # of those, how many stopped at RESAMPLE's bounds (left out of ci)
     seconds: float = 0.0
+    bounds: Dict[str, str] = field(default_factory=dict)  # parameters that ended at a bound (see at_bounds)
+    held_out: Optional[dict] = None  # see held_out
 
     def report(self) -> str:
         lines = [f"{'param':>6} {'value':>12} {'95% CI':>27}"]
@@ -477,6 +368,13 @@ class FitResult:
                      f"RMS {np.sqrt((self.residuals ** 2).mean()):.2e}; Huber δ {self.huber_delta:.3g}")
         a = "not enough (N, D_total, B) groups with 3+ fractions" if self.predictor_a is None else f"{self.predictor_a:.4f}"
         lines.append(f"predictor constant a: {a} (the paper's: {scaling.PREDICTOR_A})")
+        if self.bounds:
+            lines.append("at a bound of the search (not pinned down by these runs): "
+                         + ", ".join(f"{k} ({side})" for k, side in self.bounds.items()))
+        else:
+            lines.append("no parameter at a bound of its search range")
+        if self.held_out:
+            lines.append(format_held_out(self.held_out))
         if not self.bootstrap:
             boot = "bootstrap: none, so no intervals"
         else:
@@ -527,130 +425,45 @@ def fit(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, label: st
     groups = best_fraction_groups(runs)
     result = FitResult(law, ci, r_squared(runs.loss, predicted), r_squared_by_bits(runs, law),
                        np.log(predicted) - np.log(runs.loss), fit_predictor_constant(groups), groups, ok,
-                       best.delta, bootstrap, failed, time.perf_counter() - started)
+                       best.delta, bootstrap, failed, time.perf_counter() - started, at_bounds(law))
     if result.r2 < 0.9:
         warnings.warn(f"the law explains little of the data (R² = {result.r2:.3f}); check the results file", stacklevel=2)
-    meta = {"label": label, "n_runs": len(runs), "r2": result.r2, "r2_by_bits": result.r2_by_bits, "ci95": ci,
+    meta = {"label": label, "n_runs": int((~runs.anchor).sum()), "n_fp_anchors": int(runs.anchor.sum()),
+            "r2": result.r2, "r2_by_bits": result.r2_by_bits, "ci95": ci, "at_bounds": result.bounds,
             "bootstrap": bootstrap, "bootstrap_not_converged": failed, "huber_delta": result.huber_delta,
-            "predictor_a": result.predictor_a, "converged": ok, "S_total_range": s_total_range(runs)}
+            "predictor_a": result.predictor_a, "converged": ok, **fitted_range(runs)}
     result.law = Law.from_vector(p, meta=meta)
     return result
 
 
-# ---------------------------------------------------------------- synthetic sweeps (checks of the fit)
+def held_out(runs: Runs, **fit_options) -> dict:
+    """Fit the runs of every model size but those of its largest budget (FP anchors included,
+    only from the smaller budgets), then predict the held-out runs: the mean absolute error of
+    their losses, and for each held-out (N, D_total, B) group, how far the law's optimal fraction
+    and the paper's predictor are from the best fraction observed."""
+    from . import plan  # the planner's questions; fitting alone needs only the law
 
-
-def perturbed_law(law: Law, rng: np.random.Generator, coefficients: float = 0.5, exponents: float = 0.2) -> Law:
-    """The law with each coefficient scaled by e^u, u ~ U(±coefficients), and each exponent by
-    e^v, v ~ U(±exponents): another law of the same form, to check the fit on more than one."""
-    p = law.to_vector()
-    is_coefficient = np.array([k in scaling.COEFFICIENTS for k in PARAMS])
-    shift = rng.uniform(-1, 1, len(PARAMS))
-    p = np.where(is_coefficient, p + coefficients * shift, p * np.exp(exponents * shift))
-    return Law.from_vector(p)
-
-
-def synthetic_runs(law: Law, rng: np.random.Generator, noise: float = 0.01,
-                   sizes=(1e7, 3e7, 1e8, 3e8, 1e9), s_totals=(10, 100, 1e3, 1e4, 1e5), widths=(1, 2, 4, 6),
-                   fractions=(0.02, 0.25, 0.5, 0.75, 0.98)) -> Runs:
-    """A sweep simulated from a known law with log-normal noise (for checking the fit), FP-only
-    runs included at every (N, D) of the 4-bit grid.
-
-    The fractions reach 0.02 and 0.98 because runs with little QAT or little FP training tell
-    the S_qat and S_fp exponents apart: at 1% noise they halve the standard error of the fitted
-    optimal fraction against fractions 0.1-0.9 (largest over the sweep's (N, S, B): 0.012
-    against 0.024 for the median of 8 perturbed laws, 0.024 against 0.042 for the worst)."""
+    largest = {n: runs.budget[runs.n == n].max() for n in set(runs.n)}
+    test = np.array([b == largest[n] for n, b in zip(runs.n, runs.budget)])
+    law = fit(runs.where(~test), bootstrap=0, **fit_options).law
+    tested = runs.where(test & ~runs.anchor)
+    errors = law(tested.n, tested.d_fp, tested.d_qat, tested.bits) - tested.loss
     rows = []
-    for n, s in itertools.product(sizes, s_totals):
-        for b, f in itertools.product(widths, fractions):
-            d = s * n * b / 8
-            rows.append((n, (1 - f) * d, f * d, b))
-        rows.append((n, s * n * 4 / 8, 0.0, np.nan))
-    n, d_fp, d_qat, bits = map(np.array, zip(*rows))
-    loss = law(n, d_fp, d_qat, bits) * np.exp(rng.normal(0, noise, len(rows)))
-    return Runs(n, d_fp, d_qat, bits, loss)
+    for g in best_fraction_groups(tested):
+        f_law, _ = plan.optimal_fraction(law, g["N"], g["D_total"], g["B"])
+        f_pred = float(scaling.predicted_qat_fraction(g["S_total"])) if g["S_total"] > 1 else math.nan
+        rows.append({k: g[k] for k in ("N", "D_total", "B", "S_total", "best_fraction")} | {"law_fraction": f_law,
+                    "predictor_fraction": f_pred})
+    fraction_error = lambda key: float(np.nanmean([abs(r[key] - r["best_fraction"]) for r in rows])) if rows else math.nan  # noqa: E731
+    return {"runs": len(tested), "loss_mae": float(np.abs(errors).mean()), "loss_max_error": float(np.abs(errors).max()),
+            "fraction_mae_law": fraction_error("law_fraction"), "fraction_mae_predictor": fraction_error("predictor_fraction"),
+            "groups": rows, "at_bounds": at_bounds(law)}
 
 
-# ---------------------------------------------------------------- plots
-
-
-def plot(result: FitResult, runs: Runs, out: Path) -> List[Path]:
-    """Loss vs fraction per group, optimal fraction vs S_total, predicted vs observed, waste vs S."""
-    import matplotlib
-
-    from . import plan  # its questions draw the curves; imported here so that fitting needs only law
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    law, paths = result.law, []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        paths.append(out / name)
-
-    if result.groups:  # one panel per (N, B); a colour per token budget, the law's curve beside its runs
-        sizes, widths = sorted({g["N"] for g in result.groups}), sorted({g["B"] for g in result.groups})
-        budgets = sorted({g["D_total"] for g in result.groups})
-        colour = dict(zip(budgets, plt.cm.viridis(np.linspace(0, 0.85, len(budgets)))))
-        fig, axes = plt.subplots(len(sizes), len(widths), figsize=(3.6 * len(widths), 2.8 * len(sizes)), squeeze=False)
-        f = np.linspace(0.01, 0.99, 200)
-        for g in result.groups:
-            ax, idx = axes[sizes.index(g["N"]), widths.index(g["B"])], g["runs"]
-            c = colour[g["D_total"]]
-            ax.plot(runs.d_qat[idx] / (runs.d_fp[idx] + runs.d_qat[idx]), runs.loss[idx], "o", color=c, ms=4)
-            ax.plot(f, plan.loss_at_fraction(law, g["N"], g["D_total"], g["B"], f), "-", color=c, label=f"D={g['D_total']:.3g}")
-            ax.set_title(f"N={g['N']:.3g}, B={g['B']:g}", fontsize=9)
-            ax.set_xlabel("QAT fraction", fontsize=8)
-        for ax in axes.flat:
-            if not ax.lines:
-                ax.axis("off")
-            else:
-                ax.legend(fontsize=6)
-        save(fig, "loss_vs_fraction.png")
-
-    s = np.geomspace(2, 1e6, 200)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(s, scaling.predicted_qat_fraction(s), "-", label=f"predictor, a = {scaling.PREDICTOR_A}")
-    if result.predictor_a is not None:
-        ax.plot(s, scaling.predicted_qat_fraction(s, result.predictor_a), "--", label=f"refit, a = {result.predictor_a:.3f}")
-    if result.groups:
-        ax.plot([g["S_total"] for g in result.groups], [g["best_fraction"] for g in result.groups], "o", label="best run per group")
-    ax.set_xscale("log")
-    ax.set_xlabel("S_total (tokens per parameter byte)")
-    ax.set_ylabel("optimal QAT fraction")
-    ax.legend()
-    save(fig, "optimal_fraction_vs_S.png")
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    pred = law(runs.n, runs.d_fp, runs.d_qat, runs.bits)
-    for lab in sorted({bits_label(b) for b in runs.bits}, key=_bits_order):
-        sel = np.array([bits_label(b) == lab for b in runs.bits])
-        ax.plot(runs.loss[sel], pred[sel], "o", ms=3, label=f"B = {lab}")
-    lim = [runs.loss.min(), runs.loss.max()]
-    ax.plot(lim, lim, "k--", lw=1)
-    ax.set_xlabel("observed loss")
-    ax.set_ylabel("predicted loss")
-    ax.set_title(f"R² = {result.r2:.4f}")
-    ax.legend(fontsize=7)
-    save(fig, "predicted_vs_observed.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    n_ref = float(np.median(runs.n))
-    s = np.geomspace(10, 1e5, 15)
-    for b in sorted(set(runs.bits[runs.is_qat])):
-        waste = [plan.wasted_tokens(law, n_ref, x * n_ref * b / 8, b, 0.1) for x in s]
-        ax.plot(s, 100 * np.array(waste), "o-", ms=3, label=f"B = {b:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("S_total (tokens per parameter byte)")
-    ax.set_ylabel("tokens wasted by 10% QAT (%)")
-    ax.set_title(f"N = {n_ref:.2g}", fontsize=9)
-    ax.legend(fontsize=7)
-    save(fig, "wasted_tokens_vs_S.png")
-    return paths
+def format_held_out(h: dict) -> str:
+    return (f"held out (the largest budget of each size, {h['runs']} runs): loss MAE {h['loss_mae']:.4f} "
+            f"(max {h['loss_max_error']:.4f}); best-fraction MAE: law {h['fraction_mae_law']:.3f}, "
+            f"predictor {h['fraction_mae_predictor']:.3f} over {len(h['groups'])} groups")
 
 
 def whole_number(text: str) -> int:
@@ -681,19 +494,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         f"robust scale, at least {HUBER_DELTA:g})")
     parser.add_argument("--schedule", help="fit only the runs of this schedule (separate or fused): the law "
                         "has no term for it, so fit one schedule at a time")
+    parser.add_argument("--no-fp-anchors", action="store_true", help="leave out the FP losses measured at the switch "
+                        "of separate-schedule runs (by default they join the FP-only runs in pinning down the FP part)")
+    parser.add_argument("--held-out", action="store_true", help="also fit all but each size's largest budget and "
+                        "report how well that law predicts it (one more fit)")
     parser.add_argument("--label", default="", help="a description stored with the law")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        runs = read_results(*args.results, schedule=args.schedule)
+        runs = read_results(*args.results, schedule=args.schedule, fp_anchors=not args.no_fp_anchors)
         result = fit(runs, bootstrap=args.bootstrap, label=args.label, workers=args.workers,
                      huber_delta=args.huber_delta, progress=not args.quiet)
+        if args.held_out:
+            result.held_out = held_out(runs, huber_delta=args.huber_delta)
+            result.law.meta["held_out"] = result.held_out
     except FitError as e:
         parser.exit(2, f"error: {e}\n")
     save_law(result.law, args.out)
     print(result.report())
     print(f"wrote {args.out}")
     if args.plot:
+        from .law_plots import plot  # matplotlib, only when plots are asked for
+
         for p in plot(result, runs, args.plot):
             print(f"wrote {p}")
 

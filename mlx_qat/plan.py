@@ -140,6 +140,32 @@ def bits_arg(text: str) -> float:
     return value
 
 
+FAR_OUTSIDE = 3  # a question this many times beyond the law's fitted N or S_total is an extrapolation
+PREDICTOR_MAE = 0.091  # the predictor's mean absolute error over the paper's runs
+EDGE = 1e-3  # an optimal fraction this close to 0 or 1 lies at the edge of the search
+
+
+def coverage(law: Law, n_params: float, s_total: float, bits: float) -> List[str]:
+    """What of a question lies outside the law's fitted range (N, S_total beyond FAR_OUTSIDE times
+    it; bits beyond the fitted widths), one phrase each; empty when the law covers it."""
+    out = []
+    for name, value, fitted in (("N", n_params, law.meta.get("N_range")), ("S_total", s_total, law.meta.get("S_total_range"))):
+        if not fitted:
+            out.append(f"the law records no fitted range of {name}")
+        elif value > fitted[1] * FAR_OUTSIDE:
+            out.append(f"{name} = {value:.3g} is {value / fitted[1]:.3g}x above its fitted {fitted[0]:.3g}–{fitted[1]:.3g}")
+        elif value < fitted[0] / FAR_OUTSIDE:
+            out.append(f"{name} = {value:.3g} is {fitted[0] / value:.3g}x below its fitted {fitted[0]:.3g}–{fitted[1]:.3g}")
+    widths = law.meta.get("bits")
+    if widths and not min(widths) <= bits <= max(widths):
+        out.append(f"B = {bits:g} bits is outside its fitted {min(widths):g}–{max(widths):g} bits")
+    return out
+
+
+def at_edge(fraction: float) -> bool:
+    return fraction < F_MIN + EDGE or fraction > F_MAX - EDGE
+
+
 def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], fraction: float = 0.1,
            memory: Optional[float] = None, a: float = scaling.PREDICTOR_A) -> Dict:
     """Everything `plan` reports, as one JSON-ready dict."""
@@ -147,7 +173,8 @@ def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], frac
     out = {
         "inputs": {"params": n_params, "tokens": tokens, "bits": bits, "fraction": fraction, "memory_bytes": memory},
         "S_total": s_total,
-        "predictor": {"optimal_fraction": float(scaling.predicted_qat_fraction(s_total, a)) if s_total > 1 else None, "a": a},
+        "predictor": {"optimal_fraction": float(scaling.predicted_qat_fraction(s_total, a)) if s_total > 1 else None, "a": a,
+                      "mae_on_the_papers_runs": PREDICTOR_MAE},
     }
     if law is None:
         out["law"] = None
@@ -155,15 +182,20 @@ def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], frac
     f_opt, loss_opt = optimal_fraction(law, n_params, tokens, bits)
     memory = memory or n_params * bits / 8
     compute = 6 * n_params * tokens
+    outside = coverage(law, n_params, s_total, bits)
     out["law"] = {
         "optimal_fraction": f_opt,
+        "optimal_fraction_at_edge": at_edge(f_opt),
         "loss": loss_opt,
         "fp_loss": float(law.fp_loss(n_params, tokens)),
         "chosen_fraction": {"fraction": fraction, "loss": float(loss_at_fraction(law, n_params, tokens, bits, fraction)),
                             "wasted_tokens": wasted_tokens(law, n_params, tokens, bits, fraction)},
         "label": law.meta.get("label", ""),
+        "N_range": law.meta.get("N_range"),
         "S_total_range": law.meta.get("S_total_range"),
-        "outside_fitted_range": outside_fitted_range(law, s_total),
+        "bits": law.meta.get("bits"),
+        "outside_fitted_range": bool(outside),
+        "outside": outside,
         "memory_bytes": memory,
         "best_bits_fixed_tokens": [c.__dict__ for c in best_bits(law, memory, tokens)],
         "best_bits_fixed_compute": [c.__dict__ for c in best_bits(law, memory, tokens, compute=compute)],
@@ -175,41 +207,45 @@ def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], frac
     return out
 
 
-FAR_OUTSIDE = 10  # a query this many times beyond the fitted S_total range is an extrapolation
-
-
-def outside_fitted_range(law: Law, s_total: float) -> bool:
-    fitted = law.meta.get("S_total_range")
-    return bool(fitted) and not fitted[0] / FAR_OUTSIDE <= s_total <= fitted[1] * FAR_OUTSIDE
+def _fitted_range(law: Dict) -> str:
+    parts = [f"{name} {r[0]:.3g}–{r[1]:.3g}" for name, r in (("N", law["N_range"]), ("S_total", law["S_total_range"])) if r]
+    if law["bits"]:
+        parts.append(f"bits {', '.join(f'{b:g}' for b in law['bits'])}")
+    return ", ".join(parts) or "unrecorded"
 
 
 def _fmt_tokens(x: Optional[float]) -> str:
     return "never" if x is None else f"{x:.3g}"
 
 
+def _fraction(f: float) -> str:
+    return f"{f:.3f}" + (" (at the edge of [0, 1]: the law has no interior optimum here)" if at_edge(f) else "")
+
+
 def format_answer(ans: Dict) -> str:
-    i = ans["inputs"]
-    lines = [f"N = {i['params']:.3g} parameters, D = {i['tokens']:.3g} tokens, B = {i['bits']} bits: "
-             f"S_total = {ans['S_total']:.4g} tokens per parameter byte"]
+    i, law = ans["inputs"], ans["law"]
+    question = (f"N = {i['params']:.3g} parameters, D = {i['tokens']:.3g} tokens, B = {i['bits']} bits: "
+                f"S_total = {ans['S_total']:.4g} tokens per parameter byte")
     pred = ans["predictor"]["optimal_fraction"]
-    lines.append(f"predictor (a = {ans['predictor']['a']}): optimal QAT fraction "
+    predictor = (f"predictor (a = {ans['predictor']['a']}; MAE {PREDICTOR_MAE} on the paper's runs): optimal QAT fraction "
                  + (f"{pred:.3f}" if pred is not None else "undefined (S_total <= 1)"))
-    law = ans["law"]
     if law is None:
-        lines.append("no fitted law: pass --law law.json (python -m mlx_qat.fit RESULTS) for losses, waste and bit widths")
-        return "\n".join(lines)
+        return "\n".join([question, predictor, "no fitted law: pass --law law.json (python -m mlx_qat.fit RESULTS) for "
+                                               "losses, waste and bit widths"])
+    name = f"law{' (' + law['label'] + ')' if law['label'] else ''}"
+    lines = []
+    if law["outside"]:  # the predictor leads; the law's figures follow as what they are, an extrapolation
+        lines += [f"outside the fitted range of the {name} ({_fitted_range(law)}): " + "; ".join(law["outside"])
+                  + ". Answering with the paper's predictor; the law's figures below are extrapolations.", question, predictor]
+    else:
+        lines += [question, predictor, f"(the {name} was fitted on {_fitted_range(law)})"]
     c = law["chosen_fraction"]
     waste = "more than 1000x" if math.isinf(c["wasted_tokens"]) else f"{100 * c['wasted_tokens']:.1f}% extra tokens"
     lines += [
-        f"law{' (' + law['label'] + ')' if law['label'] else ''}: optimal QAT fraction {law['optimal_fraction']:.3f}, "
+        f"{name}: optimal QAT fraction {_fraction(law['optimal_fraction'])}, "
         f"predicted loss {law['loss']:.4f} (full precision: {law['fp_loss']:.4f})",
-        f"QAT fraction {c['fraction']:g}: loss {c['loss']:.4f}, wastes {waste} versus the optimum",
+        f"QAT fraction {c['fraction']:g}: loss {c['loss']:.4f}, wastes {waste} versus the law's optimum",
     ]
-    if law["S_total_range"]:
-        lo, hi = law["S_total_range"]
-        lines.append(f"(fitted on S_total {lo:.3g}–{hi:.3g}"
-                     + (f"; warning: S_total = {ans['S_total']:.3g} is far outside it, so this is an extrapolation)"
-                        if law["outside_fitted_range"] else ")"))
     lines += [
         "",
         f"best bit width for {law['memory_bytes'] / 1e9:.3g} GB of weights:",
@@ -219,8 +255,10 @@ def format_answer(ans: Dict) -> str:
     by_bits = {c["bits"]: c for c in law["best_bits_fixed_compute"]}
     for t in sorted(law["best_bits_fixed_tokens"], key=lambda c: c["bits"]):
         k = by_bits[t["bits"]]
-        lines.append(f"  {t['bits']:>5g} {t['n_params']:>10.3g} {t['tokens']:>10.3g} {t['fraction']:>6.3f} {t['loss']:>8.4f}"
-                     f"   {k['n_params']:>10.3g} {k['tokens']:>10.3g} {k['fraction']:>6.3f} {k['loss']:>8.4f}")
+        lines.append(f"  {t['bits']:>5g} {t['n_params']:>10.3g} {t['tokens']:>10.3g} {_edge_mark(t['fraction'])} {t['loss']:>8.4f}"
+                     f"   {k['n_params']:>10.3g} {k['tokens']:>10.3g} {_edge_mark(k['fraction'])} {k['loss']:>8.4f}")
+    if any(at_edge(c["fraction"]) for c in law["best_bits_fixed_tokens"] + law["best_bits_fixed_compute"]):
+        lines.append("  (* the optimum lies at the edge of [0, 1]: no interior optimum)")
     lines.append(f"  best: {law['best_bits_fixed_tokens'][0]['bits']:g} bits at fixed tokens, "
                  f"{law['best_bits_fixed_compute'][0]['bits']:g} bits at fixed compute")
     lines += ["", "QAT vs a full-precision (16-bit) model of the same memory:",
@@ -228,6 +266,10 @@ def format_answer(ans: Dict) -> str:
     for row in law["vs_fp"]:
         lines.append(f"  {row['bits']:>5g} {row['gap']:>+9.4f} {_fmt_tokens(row['tokens_matching_fp']):>20}")
     return "\n".join(lines)
+
+
+def _edge_mark(f: float) -> str:
+    return f"{f:>5.3f}" + ("*" if at_edge(f) else " ")
 
 
 def packaged_law() -> Optional[Law]:

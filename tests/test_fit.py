@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mlx_qat import fit, plan
+from mlx_qat import blas_threads, fit, plan, results, synthetic
 from mlx_qat import law as scaling
 from mlx_qat.law import PARAMS, Law
 
@@ -32,7 +32,7 @@ def fraction_errors(truth: Law, law: Law, points) -> np.ndarray:
                      for n, s, b in points])
 
 
-def fit_objective(law: Law, runs: fit.Runs, delta: float) -> float:
+def fit_objective(law: Law, runs: results.Runs, delta: float) -> float:
     X, mask = scaling.design(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     return fit.objective(law.to_vector(), X, mask, np.log(runs.loss), np.ones(len(runs)), delta)[0]
 
@@ -40,7 +40,7 @@ def fit_objective(law: Law, runs: fit.Runs, delta: float) -> float:
 # ---------------------------------------------------------------- recovery
 
 
-def check_recovery(truth: Law, runs: fit.Runs, points, tolerance=0.05):
+def check_recovery(truth: Law, runs: results.Runs, points, tolerance=0.05):
     result = fit.fit(runs, bootstrap=0)
     assert result.converged
     # The optimiser found the best fit there is: no worse than the parameters that made the data.
@@ -54,8 +54,8 @@ def check_recovery(truth: Law, runs: fit.Runs, points, tolerance=0.05):
 def test_recovery_on_small_sweeps():
     rng = np.random.default_rng(7)
     points = [(n, s, b) for n in (3e7, 3e8) for s in (100, 1e4) for b in (1, 2, 4)]
-    for truth in (BASE, fit.perturbed_law(BASE, rng)):
-        check_recovery(truth, fit.synthetic_runs(truth, rng, noise=0.005, **SMALL), points)
+    for truth in (BASE, synthetic.perturbed_law(BASE, rng)):
+        check_recovery(truth, synthetic.synthetic_runs(truth, rng, noise=0.005, **SMALL), points)
 
 
 @pytest.mark.slow
@@ -65,14 +65,14 @@ def test_recovery_on_randomly_perturbed_laws():
     rng = np.random.default_rng(2024)
     points = [(n, s, b) for n in (3e7, 1e8, 3e8) for s in (30, 300, 3e3, 3e4) for b in (1, 2, 4, 6)]
     for _ in range(4):
-        truth = fit.perturbed_law(BASE, rng)
-        result = check_recovery(truth, fit.synthetic_runs(truth, rng), points)
-        held = fit.synthetic_runs(truth, rng, sizes=(2e7, 2e8, 7e8), s_totals=(30, 3e3, 3e4), fractions=(0.15, 0.45, 0.85))
+        truth = synthetic.perturbed_law(BASE, rng)
+        result = check_recovery(truth, synthetic.synthetic_runs(truth, rng), points)
+        held = synthetic.synthetic_runs(truth, rng, sizes=(2e7, 2e8, 7e8), s_totals=(30, 3e3, 3e4), fractions=(0.15, 0.45, 0.85))
         assert fit.r_squared(held.loss, result.law(held.n, held.d_fp, held.d_qat, held.bits)) >= 0.98
 
 
 def test_perturbed_laws_differ_within_their_ranges():
-    laws = [fit.perturbed_law(BASE, np.random.default_rng(i), coefficients=0.5, exponents=0.2) for i in range(3)]
+    laws = [synthetic.perturbed_law(BASE, np.random.default_rng(i), coefficients=0.5, exponents=0.2) for i in range(3)]
     base = BASE.to_vector()
     for law in laws:
         p = law.to_vector()
@@ -85,7 +85,7 @@ def test_perturbed_laws_differ_within_their_ranges():
 
 
 def test_noise_free_fit_is_exact():
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(0), noise=0.0)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(0), noise=0.0)
     result = fit.fit(runs, bootstrap=0)
     np.testing.assert_allclose(result.law(runs.n, runs.d_fp, runs.d_qat, runs.bits), runs.loss, rtol=1e-6)
 
@@ -94,7 +94,7 @@ def test_noise_free_fit_is_exact():
 
 
 def test_bootstrap_intervals_cover_the_fit():
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(2), **SMALL)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(2), **SMALL)
     result = fit.fit(runs, bootstrap=10)
     assert result.bootstrap == 10 and result.bootstrap_failed == 0
     for k in PARAMS:
@@ -108,7 +108,7 @@ def test_bootstrap_intervals_cover_the_fit():
                          ids=["iterations", "seconds"])
 def test_a_resample_past_its_bounds_is_counted_not_waited_on(monkeypatch, effort):
     monkeypatch.setattr(fit, "RESAMPLE", effort)
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(3), **SMALL)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(3), **SMALL)
     with pytest.warns(UserWarning, match="4 of 4 bootstrap resamples did not converge"):
         result = fit.fit(runs, bootstrap=4)
     assert result.bootstrap_failed == 4 and result.ci == {}
@@ -117,7 +117,7 @@ def test_a_resample_past_its_bounds_is_counted_not_waited_on(monkeypatch, effort
 
 
 def test_workers_give_the_same_intervals():
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(4), **SMALL)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(4), **SMALL)
     p, best = fit.fit_vector(runs, fit.starts(runs), delta=None)
     alone = fit.bootstrap_fits(runs, p, 3, seed=1, delta=best.delta)
     pooled = fit.bootstrap_fits(runs, p, 3, seed=1, workers=2, delta=best.delta)
@@ -127,20 +127,20 @@ def test_workers_give_the_same_intervals():
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="numpy's OpenBLAS is found through /proc/self/maps")
 def test_the_fit_runs_openblas_on_one_thread():
-    controls = fit._openblas_thread_controls()
+    controls = blas_threads.openblas_thread_controls()
     assert controls, "numpy and scipy wheels bundle OpenBLAS"
     before = [get() for get, _ in controls]
-    with fit.one_blas_thread():
+    with blas_threads.one_blas_thread():
         assert [get() for get, _ in controls] == [1] * len(controls)
     assert [get() for get, _ in controls] == before
 
 
 def test_huber_delta_follows_the_noise():
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(5), noise=0.02, **SMALL)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(5), noise=0.02, **SMALL)
     result = fit.fit(runs, bootstrap=0)
     assert 1.345 * 0.015 < result.huber_delta < 1.345 * 0.025  # 1.345 σ for σ = 2%
     assert fit.fit(runs, bootstrap=0, huber_delta=1e-3).huber_delta == 1e-3
-    quiet = fit.synthetic_runs(BASE, np.random.default_rng(5), noise=0.0, **SMALL)
+    quiet = synthetic.synthetic_runs(BASE, np.random.default_rng(5), noise=0.0, **SMALL)
     assert fit.fit(quiet, bootstrap=0).huber_delta == fit.HUBER_DELTA  # never below the floor
 
 
@@ -148,26 +148,26 @@ def test_huber_delta_follows_the_noise():
 
 
 def test_several_files_and_sweep_directories(tmp_path):
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(0), **SMALL)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(0), **SMALL)
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     write_results(sweep / "results.jsonl", runs, slice(0, 50))
     write_results(sweep / "results-1-of-2.jsonl", runs, slice(50, 100))
     write_results(sweep / "results.jsonl.bak", runs, slice(0, 10))  # not a results file: ignored
     write_results(tmp_path / "more.jsonl", runs, slice(100, None))
-    read = fit.read_results(sweep, tmp_path / "more.jsonl", sweep / "results.jsonl")  # the last is read once
+    read = results.read_results(sweep, tmp_path / "more.jsonl", sweep / "results.jsonl")  # the last is read once
     assert len(read) == len(runs)
     assert sorted(read.loss) == sorted(runs.loss)
     (tmp_path / "empty").mkdir()
     with pytest.raises(fit.FitError, match="without results.jsonl"):
-        fit.read_results(tmp_path / "more.jsonl", tmp_path / "empty")
+        results.read_results(tmp_path / "more.jsonl", tmp_path / "empty")
 
 
 def test_fit_errors():
     with pytest.raises(fit.FitError, match="too few"):
-        fit.fit(fit.synthetic_runs(BASE, np.random.default_rng(0), sizes=(1e8,), s_totals=(100,), widths=(2,), fractions=(0.5,)))
+        fit.fit(synthetic.synthetic_runs(BASE, np.random.default_rng(0), sizes=(1e8,), s_totals=(100,), widths=(2,), fractions=(0.5,)))
     with pytest.raises(fit.FitError, match="two or more bit widths"):
-        fit.fit(fit.synthetic_runs(BASE, np.random.default_rng(0), widths=(2,)))
+        fit.fit(synthetic.synthetic_runs(BASE, np.random.default_rng(0), widths=(2,)))
 
 
 @pytest.mark.parametrize("record, message", [
@@ -182,7 +182,7 @@ def test_results_validation(tmp_path, record, message):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(fit.FitError, match=message):
-        fit.read_results(path)
+        results.read_results(path)
 
 
 # ---------------------------------------------------------------- the command, without MLX
@@ -203,13 +203,13 @@ print("CHECK", json.dumps({"mlx": mlx, "blas": blas.loaded, "mapped": mapped, "m
 
 
 def test_fit_and_plan_run_without_mlx_or_the_blas(tmp_path):
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(0), **SMALL)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(0), **SMALL)
     write_results(tmp_path / "results.jsonl", runs)
     out = subprocess.run([sys.executable, "-c", ISOLATED, str(tmp_path), "--out", str(tmp_path / "law.json"), "--bootstrap", "2"],
                          capture_output=True, text=True, check=True)
     check = json.loads(out.stdout.split("CHECK ", 1)[1])
     assert check == {"mlx": [], "blas": None, "mapped": [], "mkl": False}, out.stderr
-    assert "R² overall" in out.stdout and "predictor (a = 6.7297)" in out.stdout
+    assert "R² overall" in out.stdout and "predictor (a = 6.7297;" in out.stdout
     assert "bootstrap" in out.stderr  # the progress bars
     code = "import sys, mlx_qat.fit; print([m for m in ('mlx', 'mlx.core', 'mlx_qat.plan', 'mlx_qat.quantizers') if m in sys.modules])"
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -217,7 +217,7 @@ def test_fit_and_plan_run_without_mlx_or_the_blas(tmp_path):
 
 
 def test_fit_command_options(tmp_path):
-    runs = fit.synthetic_runs(BASE, np.random.default_rng(0), **SMALL)
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(0), **SMALL)
     write_results(tmp_path / "a.jsonl", runs, slice(0, 70))
     write_results(tmp_path / "b.jsonl", runs, slice(70, None))
     with warnings.catch_warnings():
@@ -237,8 +237,59 @@ def test_read_results_keeps_one_schedule(tmp_path):
             dict(N=1e6, D_fp=1e7, D_qat=0, B=None, final_val_loss=2.8)]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert list(fit.read_results(path).loss) == [3.0, 2.9, 2.8]
-    assert list(fit.read_results(path, schedule="fused").loss) == [2.9, 2.8]
+    assert list(results.read_results(path).loss) == [3.0, 2.9, 2.8]
+    assert list(results.read_results(path, schedule="fused").loss) == [2.9, 2.8]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     with pytest.raises(fit.FitError, match="no results of schedule cosine"):
-        fit.read_results(path, schedule="cosine")
+        results.read_results(path, schedule="cosine")
+
+
+# ---------------------------------------------------------------- identifiability, FP anchors, held-out error
+
+
+def test_parameters_at_a_bound_are_reported():
+    law = Law(**{**BASE.as_dict(), "nu": fit.BOUNDS["nu"][1], "lam": 2.5e15, "kappa": 0.0})
+    assert fit.at_bounds(law) == {"kappa": "lower", "lam": "upper", "nu": "upper"}
+    assert fit.at_bounds(BASE) == {}
+
+
+def test_a_fit_whose_data_pins_a_term_to_its_bound_says_so():
+    """Losses that do not depend on the bit width: the exponents of 2^(-kB) run to their lower bound, 0."""
+    flat = Law(**{**BASE.as_dict(), "kappa": 0.0, "chi": 0.0, "mu": 0.0})
+    result = fit.fit(synthetic.synthetic_runs(flat, np.random.default_rng(0), noise=0.0, **SMALL), bootstrap=0)
+    assert {"kappa", "chi", "mu"} & set(result.bounds) and set(result.bounds.values()) == {"lower"}
+    assert all(f"{k} (lower)" in result.report() for k in result.bounds)
+    assert result.law.meta["at_bounds"] == result.bounds
+    clean = fit.fit(synthetic.synthetic_runs(BASE, np.random.default_rng(0), noise=0.0, **SMALL), bootstrap=0)
+    assert clean.bounds == {} and "no parameter at a bound" in clean.report()
+
+
+def test_fp_anchors_are_the_separate_runs_switch_losses_once_per_model_and_tokens(tmp_path):
+    rows = [dict(N=1e6, D_fp=8e6, D_qat=2e6, B=b, final_val_loss=3.0 + b, fp_val_loss=2.9, schedule="separate")
+            for b in (1, 2)]
+    rows += [dict(N=1e6, D_fp=8e6, D_qat=2e6, B=2, final_val_loss=3.2, fp_val_loss=3.5, schedule="fused"),  # no cooldown
+             dict(N=1e6, D_fp=6e6, D_qat=4e6, B=2, final_val_loss=3.1, fp_val_loss=2.95, schedule="separate"),
+             dict(N=1e6, D_fp=1e7, D_qat=0, B=None, final_val_loss=2.8, fp_val_loss=None, schedule="separate"),
+             dict(N=1e6, D_fp=5e6, D_qat=5e6, B=2, final_val_loss=3.3, fp_val_loss=3.0, schedule="separate")]
+    rows[-1]["D_fp"], rows[-1]["D_qat"] = 1e7 * 0.999, 1e7 * 0.001  # FP loss at D_fp ≈ the FP-only run's D: still its own point
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = results.read_results(path)
+    anchored = results.read_results(path, fp_anchors=True)
+    assert len(plain) == 6 and not plain.anchor.any()
+    extra = anchored.where(anchored.anchor)
+    assert sorted(zip(extra.d_fp, extra.loss)) == [(6e6, 2.95), (8e6, 2.9), (1e7 * 0.999, 3.0)]
+    assert np.all(np.isnan(extra.bits)) and np.all(extra.d_qat == 0) and list(extra.budget) == [1e7] * 3
+    fused = results.read_results(path, schedule="fused", fp_anchors=True)  # FP facts hold for both schedules
+    assert fused.is_qat.sum() == 1 and fused.anchor.sum() == 3
+
+
+def test_held_out_error_of_a_well_specified_law_is_small():
+    runs = synthetic.synthetic_runs(BASE, np.random.default_rng(6), noise=0.002, **SMALL)
+    h = fit.held_out(runs)
+    # the largest D_total of each size: that of 4 bits at S_total 1e5 (5 fractions) and its FP run
+    assert h["runs"] == 3 * (5 + 1) and len(h["groups"]) == 3
+    assert all(g["S_total"] == 1e5 and g["B"] == 4 for g in h["groups"])
+    assert h["loss_mae"] < 0.02
+    truth = [plan.optimal_fraction(BASE, g["N"], g["D_total"], g["B"])[0] for g in h["groups"]]
+    assert max(abs(g["law_fraction"] - t) for g, t in zip(h["groups"], truth)) < 0.1  # extrapolated to the largest D

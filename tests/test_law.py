@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_qat import fit, plan
+from mlx_qat import fit, plan, synthetic
 from mlx_qat import law as scaling
 from mlx_qat.law import Law, predicted_qat_fraction, tokens_per_param_byte
 
@@ -101,7 +101,7 @@ def write_results(path, runs):
 
 
 def test_fit_and_plan_commands(tmp_path):
-    runs = fit.synthetic_runs(TRUTHS[0], np.random.default_rng(0), sizes=(1e7, 1e8, 1e9), s_totals=(10, 1e3, 1e5), widths=(1, 2, 4))
+    runs = synthetic.synthetic_runs(TRUTHS[0], np.random.default_rng(0), sizes=(1e7, 1e8, 1e9), s_totals=(10, 1e3, 1e5), widths=(1, 2, 4))
     write_results(tmp_path / "results.jsonl", runs)
     no_mlx = "import sys; sys.modules['mlx'] = None; import runpy; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')"
     out = subprocess.run([sys.executable, "-c", no_mlx, "mlx_qat.fit", str(tmp_path / "results.jsonl"), "--out",
@@ -131,7 +131,7 @@ def test_plan_without_a_law_uses_the_predictor(capsys, monkeypatch):
     monkeypatch.setattr(plan, "PACKAGED_LAW", None)  # as for a package that ships no law
     plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2"])
     out = capsys.readouterr()
-    assert out.out.splitlines()[1:] == ["predictor (a = 6.7297): optimal QAT fraction 0.325",
+    assert out.out.splitlines()[1:] == ["predictor (a = 6.7297; MAE 0.091 on the paper's runs): optimal QAT fraction 0.325",
                                         "no fitted law: pass --law law.json (python -m mlx_qat.fit RESULTS) for losses, waste and bit widths"]
     assert out.err == ""
 
@@ -176,19 +176,38 @@ def test_parse_size():
     assert plan.parse_size("2GB") == 2e9 and plan.parse_size("512MiB") == 512 * 2**20 and plan.parse_size("1.5e9") == 1.5e9
 
 
-def test_plan_says_where_the_law_was_fitted_and_warns_far_outside():
-    law = Law.from_vector(TRUTHS[0].to_vector(), meta={"label": "local", "S_total_range": [1.0, 50.0]})
-    inside = plan.format_answer(plan.answer(1e6, 1e8, 2, law))  # S_total = 400: within 10x of the range
-    assert "fitted on S_total 1–50)" in inside and "warning" not in inside
-    far = plan.answer(1e6, 1e11, 2, law)  # S_total = 4e5
-    assert far["law"]["outside_fitted_range"] and "is far outside it" in plan.format_answer(far)
+def test_plan_says_where_the_law_was_fitted_and_leads_with_the_predictor_outside_it():
+    meta = {"label": "local", "S_total_range": [1.0, 50.0], "N_range": [1e5, 1e6], "bits": [1.0, 2.0, 4.0]}
+    law = Law.from_vector(TRUTHS[0].to_vector(), meta=meta)
+    inside = plan.answer(1e6, 1e8, 2, law)  # S_total = 400: beyond 3x of the range
+    assert inside["law"]["outside"] == ["S_total = 400 is 8x above its fitted 1–50"]
+    near = plan.format_answer(plan.answer(2e6, 1e7, 2, law))  # N 2x above, S_total 20: covered
+    assert near.splitlines()[0].startswith("N = 2e+06") and "(the law (local) was fitted on N 1e+05–1e+06, S_total 1–50, bits 1, 2, 4)" in near
+    far = plan.answer(1e8, 1e8, 3, law)  # N 100x above
+    first = plan.format_answer(far).splitlines()[0]
+    assert first.startswith("outside the fitted range") and "N = 1e+08 is 100x above" in first and "predictor" in first
+    assert far["law"]["outside_fitted_range"] and far["law"]["N_range"] == [1e5, 1e6]
+    assert plan.answer(1e6, 1e7, 6, law)["law"]["outside"] == ["B = 6 bits is outside its fitted 1–4 bits"]
+    bare = Law.from_vector(TRUTHS[0].to_vector(), meta={"label": "old"})  # a law without its ranges covers nothing
+    assert plan.answer(1e6, 1e7, 2, bare)["law"]["outside"] == ["the law records no fitted range of N",
+                                                                 "the law records no fitted range of S_total"]
 
 
-def test_the_shipped_law_is_the_local_sweeps_and_says_so(capsys):
+def test_an_optimum_at_the_edge_is_called_that():
+    lonely = Law(**{**TRUTHS[0].as_dict(), "lam": 1e-9})  # no FP/QAT interaction: the QAT penalty falls all the way to f = 1
+    ans = plan.answer(1e8, 1e10, 2, Law(**lonely.as_dict(), meta={"N_range": [1e7, 1e9], "S_total_range": [10, 1e3]}))
+    assert ans["law"]["optimal_fraction_at_edge"] and ans["law"]["optimal_fraction"] > 0.99
+    text = plan.format_answer(ans)
+    assert "optimal QAT fraction 1.000 (at the edge of [0, 1]" in text and "no interior optimum" in text
+    assert not plan.answer(1e8, 1e10, 2, TRUTHS[0])["law"]["optimal_fraction_at_edge"]
+
+
+def test_the_shipped_law_does_not_cover_a_100m_model(capsys):
     law = plan.packaged_law()
-    assert "local small-scale fit" in law.meta["label"] and law.meta["n_runs"] >= 100
-    lo, hi = law.meta["S_total_range"]
-    assert 0 < lo < 1 < 10 < hi
-    plan.main(["--params", "1e8", "--tokens", "1e11", "--bits", "2"])  # S_total = 4,000: an extrapolation here
-    out = capsys.readouterr().out
-    assert "local small-scale fit" in out and "fitted on S_total" in out and "far outside it" in out
+    assert law.meta["N_range"][1] < 1e7 and law.meta["S_total_range"] and law.meta["bits"]
+    plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("outside the fitted range") and "N = 1e+08" in out[0] and "predictor" in out[0]
+    assert out[2].startswith("predictor (a = 6.7297; MAE 0.091")
+    plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--json"])
+    assert json.loads(capsys.readouterr().out)["law"]["outside_fitted_range"]
