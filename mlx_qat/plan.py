@@ -153,12 +153,12 @@ def coverage(law: Law, n_params: float, s_total: float, bits: float) -> List[str
         if not fitted:
             out.append(f"the law records no fitted range of {name}")
         elif value > fitted[1] * FAR_OUTSIDE:
-            out.append(f"{name} = {value:.3g} is {value / fitted[1]:.3g}x above its fitted {fitted[0]:.3g}–{fitted[1]:.3g}")
+            out.append(f"{name} = {value:.3g} is {value / fitted[1]:.3g}x above it")
         elif value < fitted[0] / FAR_OUTSIDE:
-            out.append(f"{name} = {value:.3g} is {fitted[0] / value:.3g}x below its fitted {fitted[0]:.3g}–{fitted[1]:.3g}")
+            out.append(f"{name} = {value:.3g} is {fitted[0] / value:.3g}x below it")
     widths = law.meta.get("bits")
     if widths and not min(widths) <= bits <= max(widths):
-        out.append(f"B = {bits:g} bits is outside its fitted {min(widths):g}–{max(widths):g} bits")
+        out.append(f"B = {bits:g} bits is outside it")
     return out
 
 
@@ -235,8 +235,8 @@ def format_answer(ans: Dict) -> str:
     name = f"law{' (' + law['label'] + ')' if law['label'] else ''}"
     lines = []
     if law["outside"]:  # the predictor leads; the law's figures follow as what they are, an extrapolation
-        lines += [f"outside the fitted range of the {name} ({_fitted_range(law)}): " + "; ".join(law["outside"])
-                  + ". Answering with the paper's predictor; the law's figures below are extrapolations.", question, predictor]
+        lines += [f"outside the law's fitted range ({_fitted_range(law)}): " + "; ".join(law["outside"])
+                  + ". The paper's predictor leads; the law's figures below are extrapolations.", question, predictor]
     else:
         lines += [question, predictor, f"(the {name} was fitted on {_fitted_range(law)})"]
     c = law["chosen_fraction"]

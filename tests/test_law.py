@@ -180,14 +180,15 @@ def test_plan_says_where_the_law_was_fitted_and_leads_with_the_predictor_outside
     meta = {"label": "local", "S_total_range": [1.0, 50.0], "N_range": [1e5, 1e6], "bits": [1.0, 2.0, 4.0]}
     law = Law.from_vector(TRUTHS[0].to_vector(), meta=meta)
     inside = plan.answer(1e6, 1e8, 2, law)  # S_total = 400: beyond 3x of the range
-    assert inside["law"]["outside"] == ["S_total = 400 is 8x above its fitted 1–50"]
+    assert inside["law"]["outside"] == ["S_total = 400 is 8x above it"]
     near = plan.format_answer(plan.answer(2e6, 1e7, 2, law))  # N 2x above, S_total 20: covered
     assert near.splitlines()[0].startswith("N = 2e+06") and "(the law (local) was fitted on N 1e+05–1e+06, S_total 1–50, bits 1, 2, 4)" in near
     far = plan.answer(1e8, 1e8, 3, law)  # N 100x above
     first = plan.format_answer(far).splitlines()[0]
-    assert first.startswith("outside the fitted range") and "N = 1e+08 is 100x above" in first and "predictor" in first
+    assert first.startswith("outside the law's fitted range (N 1e+05–1e+06, S_total 1–50, bits 1, 2, 4): N = 1e+08 is 100x above it")
+    assert "predictor leads" in first
     assert far["law"]["outside_fitted_range"] and far["law"]["N_range"] == [1e5, 1e6]
-    assert plan.answer(1e6, 1e7, 6, law)["law"]["outside"] == ["B = 6 bits is outside its fitted 1–4 bits"]
+    assert plan.answer(1e6, 1e7, 6, law)["law"]["outside"] == ["B = 6 bits is outside it"]
     bare = Law.from_vector(TRUTHS[0].to_vector(), meta={"label": "old"})  # a law without its ranges covers nothing
     assert plan.answer(1e6, 1e7, 2, bare)["law"]["outside"] == ["the law records no fitted range of N",
                                                                  "the law records no fitted range of S_total"]
@@ -207,7 +208,7 @@ def test_the_shipped_law_does_not_cover_a_100m_model(capsys):
     assert law.meta["N_range"][1] < 1e7 and law.meta["S_total_range"] and law.meta["bits"]
     plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("outside the fitted range") and "N = 1e+08" in out[0] and "predictor" in out[0]
+    assert out[0].startswith("outside the law's fitted range") and "N = 1e+08" in out[0] and "predictor leads" in out[0]
     assert out[2].startswith("predictor (a = 6.7297; MAE 0.091")
     plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--json"])
     assert json.loads(capsys.readouterr().out)["law"]["outside_fitted_range"]
