@@ -33,10 +33,29 @@ def previous(path: Path) -> Path:
     return Path(path).with_name(f"{Path(path).name}.old")
 
 
+def sync(directory: Path) -> None:
+    """Flush a directory's files to the disk: renamed into place unflushed, a file may come back
+    empty or short after a crash of the machine, under a name that says it is complete."""
+    for file in Path(directory).iterdir():
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _sync_entries(directory: Path) -> None:
+    """Flush a directory's own entries (the renames into it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def directory(path: Path, overwrite: bool = True) -> Iterator[Path]:
+def directory(path: Path, overwrite: bool = True, keep_previous: bool = False) -> Iterator[Path]:
     """Yield an empty directory beside `path`; when the block ends without error, it replaces
-    `path`. The old version stays at `previous(path)` during the two renames of the swap."""
+    `path`. The old version stays at `previous(path)` during the two renames of the swap, and
+    after it with `keep_previous` (until the next swap), to fall back on."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or remove it first")
@@ -52,4 +71,6 @@ def directory(path: Path, overwrite: bool = True) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    _sync_entries(path.parent)
+    if not keep_previous:
+        shutil.rmtree(old, ignore_errors=True)

@@ -6,14 +6,18 @@ the model's `config.json` dict and the quantization spec of every QAT module, so
 `load_model` rebuilds the right model by itself. The train step draws no random numbers and
 batch k is a pure function of (seed, k), so the step is the whole random state of a run.
 
-A run keeps one rolling checkpoint (`checkpoint/`, for --resume) and named snapshots at chosen
-token counts (`snapshots/<tokens>/`, for --init-from). Each is written atomically.
+A run keeps one rolling checkpoint (`checkpoint/`, for --resume), the one before it
+(`checkpoint.old/`), and named snapshots at chosen token counts (`snapshots/<tokens>/`, for
+--init-from). Each is written beside its place, flushed, read back against the SHA-256 of its
+files (kept in meta.json), and only then swapped in; --resume takes the newest of them that still
+reads back, so a checkpoint corrupted on disk costs the steps since the one before it, not the run.
 """
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +30,7 @@ from .quantizers import QuantSpec, specs_from_dict, specs_to_dict
 
 NAME = "checkpoint"
 SNAPSHOTS = "snapshots"
+WEIGHTS = ("model.safetensors", "optimizer.safetensors")
 
 
 class CheckpointError(RuntimeError):
@@ -36,29 +41,83 @@ def snapshot_path(out: Path, tokens: int) -> Path:
     return Path(out) / SNAPSHOTS / str(tokens)
 
 
-def save(path: Path, model: nn.Module, optimizer: optim.Optimizer, meta: dict, metrics: Optional[Path] = None) -> Path:
+def save(path: Path, model: nn.Module, optimizer: optim.Optimizer, meta: dict, metrics: Optional[Path] = None,
+         keep_previous: bool = False) -> Path:
     """Write a checkpoint of `model` and `optimizer` at `path`; `meta` gets the model's
-    description added. `metrics` (a metrics.jsonl) is copied in as it is now."""
+    description and the files' digests added. `metrics` (a metrics.jsonl) is copied in as it is
+    now. The one at `path` is replaced only by a checkpoint that reads back whole; with
+    `keep_previous` it stays beside it (`atomic.previous(path)`) for --resume to fall back on."""
     meta = {
         **meta,
         "model_config": models.config_dict(model),
         "qat_specs": specs_to_dict(qat_specs(model)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.directory(path) as tmp:
+    with atomic.directory(path, keep_previous=keep_previous) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         if metrics is not None and metrics.exists():
             shutil.copy(metrics, tmp / "metrics.jsonl")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        atomic.sync(tmp)  # the digests describe what is on the disk
+        meta["sha256"] = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
+        atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2))
+        try:
+            check(tmp)
+        except CheckpointError as e:  # e.g. a full disk: the write came out short
+            raise CheckpointError(f"the checkpoint written for {path} does not read back ({e}); the one before it is "
+                                  "kept. Free some disk space or check the disk, then --resume") from e
     return path
 
 
-def find(out: Path) -> Optional[Path]:
-    """The newest whole rolling checkpoint of a run (the old one if a swap was cut short)."""
-    for path in (Path(out) / NAME, atomic.previous(Path(out) / NAME)):
-        if (path / "meta.json").exists():
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check(path: Path) -> dict:
+    """The meta of a checkpoint that reads back whole: each file has the digest it was written
+    with, and the weights load. CheckpointError, naming the first fault, otherwise."""
+    path = Path(path)
+    meta = read_meta(path)
+    digests = meta.get("sha256", {})  # none in a checkpoint from before they were kept: then loading is the check
+    try:
+        changed = [name for name, digest in digests.items() if _digest(path / name) != digest]
+        if not changed:
+            for name in WEIGHTS:
+                mx.load(str(path / name))  # parses the header and checks that the data is all there
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not read back ({e}); the checkpoint is corrupt") from e
+    if changed:
+        raise CheckpointError(f"{path}/{changed[0]} is not what was written (its SHA-256 differs); the checkpoint is corrupt")
+    return meta
+
+
+def candidates(out: Path) -> List[Path]:
+    """The saved states of a run that --resume may continue from: the rolling checkpoint, the one
+    kept before it, and the snapshots (a state of the same run at a chosen step)."""
+    out = Path(out)
+    snapshots = [p for p in (out / SNAPSHOTS).glob("*") if p.name.isdigit()]
+    return [p for p in (out / NAME, atomic.previous(out / NAME), *snapshots) if p.is_dir()]
+
+
+def find(out: Path, skipped: Callable[[Path, CheckpointError], None] = lambda path, error: None) -> Optional[Path]:
+    """The newest of a run's checkpoints (by step) that reads back whole, or None; each one that
+    is passed over as corrupt goes to `skipped` with the reason."""
+    dated = []
+    for path in candidates(out):
+        try:
+            dated.append((read_meta(path)["step"], path))
+        except CheckpointError as e:
+            skipped(path, e)
+    for _, path in sorted(dated, key=lambda d: -d[0]):  # stable: at a tie, the rolling checkpoint
+        try:
+            check(path)
             return path
+        except CheckpointError as e:
+            skipped(path, e)
     return None
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get
 
 import yaml
 
+from .presets import NAMES as PRESET_NAMES
 from .quantizers import BITS, GROUP_SIZES, QuantSpec, default_embedding_bits
 from .schedule import SCHEDULES, make_schedule, plan_run
 
@@ -122,8 +123,8 @@ class TrainConfig:
                           f"an integer >= {MIN_VOCAB_SIZE} (byte fallback needs 259 pieces), e.g. 2048", lambda v: v >= MIN_VOCAB_SIZE)
     data_cache: str = key("~/.cache/mlx_qat/data", "where prepared data is kept", "a directory path", bool)
     # model (checked in validate: it needs vocab_size)
-    model: Any = key("tiny", "a preset (tiny, small, base) or a dict of llama arguments; ignored with `pretrained`",
-                     "a preset (tiny, small, base) or a mapping of llama arguments", coerce=lambda v: v)
+    model: Any = key("tiny", f"a preset ({PRESET_NAMES}) or a dict of llama arguments; ignored with `pretrained`",
+                     f"a preset ({PRESET_NAMES}) or a mapping of llama arguments", coerce=lambda v: v)
     pretrained: Optional[str] = key(None, "start from this pretrained model (mlx-lm/HF directory or llama .gguf; "
                                     "--init-from MODEL sets it): its architecture and tokenizer replace model/vocab_size",
                                     "null or the path of a model directory or .gguf file", bool)

@@ -79,14 +79,30 @@ def _paragraphs(text: str) -> List[str]:
     return [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
+def _read_jsonl(path: Path, raw: str) -> list:
+    """One record per line. Split at "\\n" only: str.splitlines also splits at U+2028, which a JSON
+    string may hold unescaped, and would number the lines differently from an editor."""
+    records = []
+    for number, line in enumerate(raw.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:  # its own line and column are within this line alone
+            raise DataError(f"{path}, line {number} is not valid JSON ({e.msg}, at column {e.colno}); a .jsonl file "
+                            "holds one JSON record per line (use .txt for plain text)") from e
+    return records
+
+
 def _read_json_records(path: Path) -> list:
     raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, raw)
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in raw.splitlines() if line.strip()]
         records = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); use .txt for plain text") from e
+        raise DataError(f"{path} is not valid JSON ({e.msg}, at line {e.lineno}, column {e.colno}); "
+                        "use .txt for plain text") from e
     return records if isinstance(records, list) else [records]
 
 

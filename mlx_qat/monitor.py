@@ -48,12 +48,23 @@ class Progress:
 
 class Monitor:
     def __init__(self, out: Path, cfg, plan, validate: Callable[[object], float], start_step: int, show_progress: bool,
-                 writer: bool = True):
+                 writer: bool = True, seconds_before: float = 0.0):
+        """`seconds_before`: the run's training time before this process, up to the checkpoint it
+        resumed from; each checkpoint records the total, so that the summary reports the run's."""
         self.out, self.cfg, self.plan, self.validate, self.writer = Path(out), cfg, plan, validate, writer
         self.metrics = report.Metrics(self.out / "metrics.jsonl")
         self.progress = Progress(plan.total_steps, start_step, show_progress and writer)
         self.last_good = start_step
+        self.seconds_before, self.started = seconds_before, time.perf_counter()
         self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def segment_seconds(self) -> float:
+        """Seconds since this process began training."""
+        return time.perf_counter() - self.started
+
+    def train_seconds(self) -> float:
+        """Seconds of training in the run so far, its earlier processes' included."""
+        return self.seconds_before + self.segment_seconds()
 
     def after_step(self, state, loss, lr: float) -> None:
         """Called after every step with the step's (possibly unevaluated) loss."""
@@ -62,7 +73,9 @@ class Monitor:
         self.window_tokens += plan.tokens_per_step
         report_now = done % cfg.report_every == 0 or done == plan.total_steps
         snapshot_now = tokens in cfg.snapshot_at
-        checkpoint_now = done % cfg.checkpoint_every == 0 and done != plan.total_steps
+        # the last step too: a finished run's checkpoint is the model it exported, and a run killed
+        # while it finishes resumes there
+        checkpoint_now = done % cfg.checkpoint_every == 0 or done == plan.total_steps
         if report_now or snapshot_now or checkpoint_now:  # never keep a diverged model
             loss = self.finite(loss.item(), done)
         if report_now:
@@ -77,7 +90,7 @@ class Monitor:
         if snapshot_now:
             self.save(state, checkpoint.snapshot_path(self.out, tokens))
         if checkpoint_now:
-            self.save(state, self.out / checkpoint.NAME)
+            self.save(state, self.out / checkpoint.NAME, keep_previous=True)
             self.last_good = done
         self.progress.step()
 
@@ -89,12 +102,12 @@ class Monitor:
         self.log(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
                          val_loss=val_loss, event=f"end_{state.phase}")
 
-    def save(self, state, path: Path) -> None:
+    def save(self, state, path: Path, keep_previous: bool = False) -> None:
         if not self.writer:
             return
         meta = dict(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
-                    config=self.cfg.to_dict())
-        checkpoint.save(path, state.model, state.optimizer, meta, self.metrics.path)
+                    config=self.cfg.to_dict(), train_seconds=self.train_seconds())
+        checkpoint.save(path, state.model, state.optimizer, meta, self.metrics.path, keep_previous)
 
     def finite(self, loss: float, step: int) -> float:
         if not math.isfinite(loss):

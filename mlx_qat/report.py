@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import atomic
 
@@ -27,7 +27,11 @@ def _event_loss(records: List[dict], event: str) -> Optional[float]:
     return next((r["val_loss"] for r in records if r.get("event") == event), None)
 
 
-def summary(plan, records, final_loss, exported_loss, exported, train_seconds, cfg, peak_memory=None) -> dict:
+def summary(plan, records, final_loss, exported_loss, exported, train_seconds, cfg, peak_memory=None,
+            segment: Optional[Tuple[int, float]] = None) -> dict:
+    """The run's figures. `train_seconds` covers the whole run; `segment`, for a resumed one, is
+    (the step its last process resumed at, that process's seconds). The rate is the median of
+    the reports of every process: a resumed run's metrics hold its earlier ones."""
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     return {
         "pretrained": cfg.pretrained,
@@ -47,6 +51,8 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
         "bits_per_weight": exported.bits_per_weight,
         "size_bytes": exported.size_bytes,
         "train_seconds": train_seconds,
+        "resumed_at_step": segment[0] if segment else None,
+        "segment_seconds": segment[1] if segment else None,
         "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
         "peak_memory_bytes": peak_memory,  # mx.get_peak_memory() over the run, to the final validation
         "model": str(exported.path),
@@ -73,6 +79,9 @@ def format_summary(s: dict) -> str:
     if s.get("ptq_note"):
         baselines.append(("", s["ptq_note"]))
     peak = s.get("peak_memory_bytes")
+    wall = f"{s['train_seconds']:.1f} s"
+    if s.get("resumed_at_step") is not None:  # .get: a summary from before resumes were told apart
+        wall += f" (resumed at step {s['resumed_at_step']:,}: {s['segment_seconds']:.1f} s since)"
     rows = start + [
         ("params N", f"{s['N']:,}"),
         ("D_fp / D_qat", f"{s['D_fp']:,} / {s['D_qat']:,} tokens"),
@@ -85,7 +94,7 @@ def format_summary(s: dict) -> str:
         *baselines,
         ("bits per weight", f"{s['bits_per_weight']:.3f}"),
         ("size on disk", f"{s['size_bytes'] / 2**20:.2f} MiB"),
-        ("wall time", f"{s['train_seconds']:.1f} s"),
+        ("wall time", wall),
         ("tokens/s", fmt(s["tokens_per_s"], ",.0f")),
         ("peak memory", "-" if peak is None else f"{peak / 2**20:,.1f} MiB"),
         ("model", s["model"]),

@@ -10,9 +10,10 @@ finish (validation, export, the export's validation through mlx_lm.load, summary
 The QAT fraction f = D_qat / D_total is a number, or `auto`: the paper's predictor
 f̂ = exp(−6.7297 / ln S_total), S_total = D_total / (N · B/8) tokens per parameter byte.
 
---resume continues a killed run from its rolling checkpoint. --init-from starts a *new* run from
-a snapshot or checkpoint of another one (weights, α, optimizer state, token count) and trains
-on to this run's plan: runs that share a trajectory up to token T branch there.
+--resume continues a killed run from its newest checkpoint that reads back whole (the rolling one,
+the one kept before it, or a snapshot). --init-from starts a *new* run from a snapshot or
+checkpoint of another one (weights, α, optimizer state, token count) and trains on to this run's
+plan: runs that share a trajectory up to token T branch there.
 
 --init-from MODEL, an mlx-lm / Hugging Face model directory or a llama .gguf file (anything
 without meta.json), starts from a pretrained model instead (the config key `pretrained`): the run's
@@ -27,7 +28,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,7 +43,7 @@ import yaml  # noqa: E402
 
 from mlx_lm.tuner.trainer import grad_checkpoint  # noqa: E402
 
-from . import atomic, baselines, checkpoint, config, data, distributed, export, law  # noqa: E402
+from . import atomic, baselines, checkpoint, config, data, distributed, export  # noqa: E402
 from . import model as models, pretrained, report  # noqa: E402
 from .distill import make_distill_loss  # noqa: E402
 from .evaluate import evaluate, loss_fn  # noqa: E402
@@ -188,6 +188,7 @@ class RunState:
     step: int = 0
     phase: str = "fp"
     loss: Callable = loss_fn
+    trained_seconds: float = 0.0  # by the run's earlier processes, to the checkpoint this one resumed from
 
 
 def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None,
@@ -213,12 +214,54 @@ def setup(cfg: config.TrainConfig, dataset: data.TokenData, group=None,
 RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at", "grad_checkpoint"}
 
 
+def check_out(out: Path) -> None:
+    """`out` is a directory, or can be made, in a place this user may write: told before any
+    work, in one line, rather than as a traceback when the run writes its first file."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a directory; choose another --out")
+    place = next(p for p in (out, *out.parents) if p.exists())  # Path.exists is False under a file
+    if not place.is_dir():
+        raise TrainingError(f"--out {out} is under {place}, which is a file; choose another --out")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out {out} cannot be written ({place} is not writable); choose another --out "
+                            "or change its permissions")
+
+
+def made_for(out: Path) -> Optional[Path]:
+    """The topmost directory that making `out` creates (None: `out` exists): what a run refused
+    before its first step removes, so that it leaves nothing behind."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def resume_point(out: Path, cfg: config.TrainConfig, writer: bool) -> Path:
+    """The newest checkpoint of the run in `out` that reads back whole; a corrupt newer one is
+    passed over, and said so on stderr."""
+    corrupt = []
+    path = checkpoint.find(out, lambda _, e: corrupt.append(e))
+    if path is None and corrupt:
+        raise checkpoint.CheckpointError(f"no checkpoint in {out} reads back whole ({corrupt[0]}); start the run "
+                                         f"again with a new --out, or delete {out}")
+    if path is None:
+        raise TrainingError(
+            f"{out} has no checkpoint to resume from (the run stopped before its first checkpoint, at step "
+            f"{cfg.checkpoint_every}); start it again with a new --out, or delete {out}"
+        )
+    if writer and corrupt:
+        for e in corrupt:
+            print(f"warning: passing over a corrupt checkpoint: {e}", file=sys.stderr)
+        print(f"resuming from {path} (step {checkpoint.read_meta(path)['step']})", file=sys.stderr)
+    return path
+
+
 def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: Optional[Path],
                    writer: bool = True) -> Optional[Path]:
     """The checkpoint this run starts from (None: from scratch), once `out` is known to fit.
-    Only the writer (rank 0) checks that a new run's `out` is free: it is the one that fills it."""
+    Only the writer (rank 0) checks `out`, and that a new run's is free: it is the one that fills it."""
     if resume and init_from is not None:
         raise TrainingError("--resume continues a run and --init-from starts a new one: pass one of them")
+    if writer:
+        check_out(out)
     if not resume:
         if writer and out.exists() and any(out.iterdir()):
             raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
@@ -230,12 +273,7 @@ def starting_point(out: Path, cfg: config.TrainConfig, resume: bool, init_from: 
         return init_from
     if not out.is_dir():
         raise TrainingError(f"{out} does not exist, so there is no run to resume; drop --resume to start one there")
-    path = checkpoint.find(out)
-    if path is None:
-        raise TrainingError(
-            f"{out} has no checkpoint to resume from (the run stopped before its first checkpoint, at step "
-            f"{cfg.checkpoint_every}); start it again with a new --out, or delete {out}"
-        )
+    path = resume_point(out, cfg, writer)
     saved = checkpoint.read_meta(path)["config"]
     saved = {k: saved.get(k, config.default(k)) for k in config.FIELDS}  # keys newer than the run: their defaults
     changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if saved[k] != v and k not in RESUME_MAY_CHANGE}
@@ -312,10 +350,13 @@ def export_model(state: RunState, path: Path, dataset: data.TokenData,
 
 
 def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor, val_batches: Callable,
-           train_seconds: float, start: Optional[pretrained.Pretrained] = None) -> Optional[dict]:
+           train_seconds: float, start: Optional[pretrained.Pretrained] = None,
+           segment: Optional[Tuple[int, float]] = None) -> Optional[dict]:
     """Final validation and the peak memory of training; (on the writer) export and the
     export's validation through mlx_lm.load; from a pretrained start, the baselines (on every
-    rank: they validate together); then (on the writer) plot and summary. Other ranks return None."""
+    rank: they validate together); then (on the writer) plot and summary. Other ranks return None.
+    `train_seconds` is the run's, all its processes'; `segment`, of a resumed run: (the step this
+    process resumed at, its own seconds)."""
     final_loss = evaluate(state.model, val_batches(), state.group)
     monitor.end_of_phase(state, final_loss)
     peak_memory = mx.get_peak_memory()
@@ -330,7 +371,8 @@ def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor
     records = monitor.metrics.read()
     plan = state.plan
     report.plot(records, plan.fp_tokens if plan.qat_steps else None, out / "loss.png")
-    summary = report.summary(plan, records, final_loss, exported_loss, exported, train_seconds, state.cfg, peak_memory)
+    summary = report.summary(plan, records, final_loss, exported_loss, exported, train_seconds, state.cfg, peak_memory,
+                             segment)
     summary.update(compared)
     report.write_summary(out, summary)  # last: its presence marks the run finished
     return summary
@@ -347,8 +389,6 @@ def begin(cfg: config.TrainConfig, out: Path, resume: bool, init_from: Optional[
     distributed.together(group, distributed.check_batch, cfg.batch_size, group)
     source = distributed.together(group, starting_point, out, cfg, resume, init_from, writer)
     start = distributed.together(group, load_start, cfg)
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
     keep_freed_buffers()
     tokenizer = start.tokenizer if start is not None else None
     first = distributed.together(group, lambda: load_data(cfg, tokenizer) if writer else None)
@@ -356,8 +396,12 @@ def begin(cfg: config.TrainConfig, out: Path, resume: bool, init_from: Optional[
     if start is not None:  # the slow read of its weights, after every check (a rank that fails stops them all)
         distributed.together(group, lambda: mx.eval(start.model.parameters()))
     state = setup(cfg, dataset, group, start)
+    if writer:  # the run is accepted: its data and model are there
+        out.mkdir(parents=True, exist_ok=True)
     if source is not None:
         distributed.together(group, start_from, state, source, out)
+        if resume:  # a branch (--init-from) is a new run: its clock starts at 0 (so does a checkpoint's without one)
+            state.trained_seconds = checkpoint.read_meta(source).get("train_seconds", 0.0)
     if writer:
         atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return state, dataset, start
@@ -375,12 +419,18 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Opt
             print(f"the run in {out} is finished; nothing to do (its summary is {out / SUMMARY})", file=sys.stderr)
         return json.loads((out / SUMMARY).read_text()) if writer else None
     mx.reset_peak_memory()  # summary.json reports this run's peak
-    state, dataset, start = begin(cfg, out, resume, init_from, group)
+    made = made_for(out) if writer else None
+    try:
+        state, dataset, start = begin(cfg, out, resume, init_from, group)
+    except BaseException:
+        if made is not None:  # refused before its first step: it leaves nothing behind
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
     val_batches = partial(data.eval_batches, dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     validate = lambda model: evaluate(model, val_batches(), group)  # noqa: E731
-    monitor = Monitor(out, cfg, state.plan, validate, state.step, show_progress, writer)
-    started = time.perf_counter()
+    monitor = Monitor(out, cfg, state.plan, validate, state.step, show_progress, writer, state.trained_seconds)
+    resumed_at = state.step if resume else None
     try:
         train_range(state, state.plan.fp_steps, dataset, monitor)  # full precision
         if state.plan.qat_steps and state.phase == "fp":  # the switch
@@ -391,17 +441,22 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Opt
         train_range(state, state.plan.total_steps, dataset, monitor)  # quantization-aware
     finally:
         monitor.close()
-    return finish(state, out, dataset, monitor, val_batches, time.perf_counter() - started, start)
+    seconds = monitor.segment_seconds()
+    segment = None if resumed_at is None else (resumed_at, seconds)
+    return finish(state, out, dataset, monitor, val_batches, monitor.seconds_before + seconds, start, segment)
 
 
 def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = None, show_progress: bool = True) -> dict:
     """Train `cfg` in `out` to the end, whatever a killed process left there: a finished run's
-    summary is returned, a checkpointed one resumed, one killed before its first checkpoint
-    started again."""
+    summary is returned, a checkpointed one resumed (from its newest checkpoint that reads back
+    whole), one killed before its first checkpoint, or whose every checkpoint is corrupt, started again."""
     if (out / SUMMARY).exists():
         return json.loads((out / SUMMARY).read_text())
-    if checkpoint.find(out) is not None:
+    corrupt = []
+    if checkpoint.find(out, lambda _, e: corrupt.append(e)) is not None:
         return run(cfg, out, resume=True, show_progress=show_progress)
+    if corrupt:
+        print(f"warning: no checkpoint in {out} reads back whole ({corrupt[0]}); starting the run again", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)  # nothing to keep
     return run(cfg, out, init_from=init_from, show_progress=show_progress)
 

@@ -1,6 +1,7 @@
 """Run configs: YAML + flags, validation, and the `auto` QAT fraction."""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,21 @@ def test_every_key_is_checked_at_construction(key, value, shown):
 
 def test_every_key_is_in_the_catalogue():
     assert {key for key, _, _ in BAD} == set(config.FIELDS)
+
+
+def test_the_model_key_names_every_preset():
+    from mlx_qat.model import PRESETS
+
+    meta = config.FIELDS["model"].metadata
+    with pytest.raises(ValueError) as e:
+        config.TrainConfig(model=3)  # neither a name nor a mapping: the message is the key's `need`
+    for name in PRESETS:
+        assert re.search(rf"\b{name}\b", meta["help"]) and re.search(rf"\b{name}\b", str(e.value)), name
+
+
+def test_reading_a_config_does_not_import_mlx_lm():
+    code = "import sys, mlx_qat.config; print('mlx_lm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 YAML_NUMBERS = [

@@ -68,6 +68,28 @@ def test_bad_text_inputs(tmp_path, make, message):
         data.read_documents([str(path)])
 
 
+def test_a_bad_jsonl_line_is_named_with_its_file_line_and_problem(tmp_path):
+    bad = '{"text": "two",}'
+    path = tmp_path / "c.jsonl"
+    path.write_text(f'{{"text": "one"}}\n\n{bad}\n{{"text": "four"}}\n')  # the blank line counts as a line
+    try:
+        json.loads(bad)
+    except json.JSONDecodeError as e:
+        problem = e.msg
+    with pytest.raises(data.DataError) as e:
+        data.read_documents([str(path)])
+    message = str(e.value)
+    assert f"{path}, line 3" in message and problem in message
+    assert "line 1 " not in message  # not the position within the line, taken for the file's
+
+
+def test_a_jsonl_record_may_hold_a_line_separator(tmp_path):
+    """JSON lets U+2028 stand unescaped in a string; it does not end a .jsonl line."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert data.read_documents([str(path)]) == ["one\u2028two"]
+
+
 def test_bad_json_inputs(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(data.DataError, match="string field `text`"):

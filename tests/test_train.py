@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import MICRO_MODEL
-from mlx_qat import checkpoint, config, data, train
+from mlx_qat import checkpoint, config, data, report, train
 from mlx_qat.layers import QATLinear
 
 def micro(dataset, **overrides):
@@ -120,6 +120,7 @@ def test_init_from_refuses_what_it_cannot_continue(dataset, tmp_path):
         train.run(micro(dataset, qat_fraction=0.1), tmp_path / "c", init_from=snapshot, show_progress=False)
     with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
         train.run(micro(dataset), tmp_path / "d", init_from=tmp_path / "run", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # refused runs leave no --out behind
 
 
 def test_resume_on_a_finished_run_changes_nothing(dataset, tmp_path):
@@ -179,8 +180,8 @@ def run_until_killed(cfg, out, monkeypatch, at_step=None):
     """Run until just after the checkpoint at `at_step` (the first one if None) is written."""
     save = checkpoint.save
 
-    def save_then_die(path, model, optimizer, meta, metrics=None):
-        save(path, model, optimizer, meta, metrics)
+    def save_then_die(path, model, optimizer, meta, *args, **kwargs):
+        save(path, model, optimizer, meta, *args, **kwargs)
         if path.name == checkpoint.NAME and (at_step is None or meta["step"] == at_step):
             raise Killed(model)
 
@@ -235,10 +236,140 @@ def test_resume_refuses_a_changed_config(dataset, tmp_path, monkeypatch):
 
 
 def test_corrupt_checkpoint_is_reported(dataset, tmp_path, monkeypatch):
-    run_until_killed(micro(dataset), tmp_path / "run", monkeypatch)
+    run_until_killed(micro(dataset), tmp_path / "run", monkeypatch)  # the first checkpoint: none before it
     (tmp_path / "run" / "checkpoint" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt") as e:
         train.run(micro(dataset), tmp_path / "run", resume=True, show_progress=False)
+    assert "new --out" in str(e.value) and f"delete {tmp_path / 'run'}" in str(e.value)  # the way out
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"garbage")
+
+
+def flip_a_byte(path: Path) -> None:
+    """Change one byte of the tensors' data (the header stays whole, so the file still loads)."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) * 3 // 4] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("corrupt", [garbage, flip_a_byte])
+def test_resume_passes_over_a_corrupt_checkpoint_to_the_one_before(dataset, tmp_path, monkeypatch, capsys, corrupt):
+    cfg = micro(dataset)
+    train.run(cfg, tmp_path / "whole", show_progress=False)
+    run_until_killed(cfg, tmp_path / "cut", monkeypatch, at_step=20)  # checkpoints at steps 10 and 20
+    corrupt(tmp_path / "cut" / "checkpoint" / "model.safetensors")
+    capsys.readouterr()
+    train.run(cfg, tmp_path / "cut", resume=True, show_progress=False)
+    err = capsys.readouterr().err
+    assert str(tmp_path / "cut" / "checkpoint") in err and "corrupt" in err and "step 10" in err
+    whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 41))
+    np.testing.assert_allclose([cut[s] for s in range(11, 41)], [whole[s] for s in range(11, 41)], rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_that_does_not_read_back_never_replaces_the_last_good_one(dataset, tmp_path, monkeypatch):
+    cfg = micro(dataset)
+    state = train.setup(cfg, data.TokenData.load(dataset))
+    path = tmp_path / "checkpoint"
+    checkpoint.save(path, state.model, state.optimizer, {"step": 1})
+    write = mx.save_safetensors
+
+    def write_half(file, arrays):  # as a full disk might leave it
+        write(file, arrays)
+        Path(file).write_bytes(Path(file).read_bytes()[: Path(file).stat().st_size // 2])
+
+    monkeypatch.setattr(mx, "save_safetensors", write_half)
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.save(path, state.model, state.optimizer, {"step": 2})
+    monkeypatch.setattr(mx, "save_safetensors", write)
+    assert checkpoint.read_meta(path)["step"] == 1
+    checkpoint.load_model(path)  # whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # the failed one is not left beside it
+
+
+def test_run_to_end_starts_again_when_no_checkpoint_is_readable(dataset, tmp_path, monkeypatch, capsys):
+    cfg = micro(dataset)
+    run_until_killed(cfg, tmp_path / "run", monkeypatch)
+    garbage(tmp_path / "run" / "checkpoint" / "optimizer.safetensors")
+    capsys.readouterr()
+    summary = train.run_to_end(cfg, tmp_path / "run", show_progress=False)
+    assert "corrupt" in capsys.readouterr().err
+    assert summary["D_total"] == 40 * 128 and sorted(losses(tmp_path / "run")) == list(range(1, 41))
+
+
+# ---------------------------------------------------------------- --out
+
+
+@pytest.mark.parametrize("where, problem", [
+    (lambda tmp: tmp / "file", "is a file"),
+    (lambda tmp: tmp / "file" / "run", "is a file"),
+    (lambda tmp: tmp / "locked" / "run", "cannot be written"),
+])
+def test_an_unusable_out_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, where, problem):
+    (tmp_path / "file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    access = os.access  # root may write anywhere: make it see what any other user would
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+    out = where(tmp_path)
+    # the data is missing too: the --out check comes first, before any data is read
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(out), "--data", str(tmp_path / "missing.txt"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert problem in err and "--out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"] and not any(locked.iterdir())
+
+
+def test_a_refused_run_leaves_no_out_behind(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(out), "--data", str(tmp_path / "missing.txt"), "--no-progress"])
+    assert e.value.code == 2 and "missing.txt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # nor the parent it would have made
+    (tmp_path / "empty").mkdir()  # a directory the user made is theirs: it stays
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "empty"), "--data", str(tmp_path / "missing.txt"), "--no-progress"])
+    assert (tmp_path / "empty").is_dir()
+
+
+# ---------------------------------------------------------------- what a finished run reports and keeps
+
+
+def test_a_resumed_runs_summary_counts_the_whole_run(dataset, tmp_path, monkeypatch):
+    cfg = micro(dataset)
+    batch = data.batch
+
+    def slow_batch(*args):
+        time.sleep(0.1)
+        return batch(*args)
+
+    monkeypatch.setattr(data, "batch", slow_batch)  # the first segment: 30 steps of over 0.1 s
+    run_until_killed(cfg, tmp_path / "run", monkeypatch, at_step=30)
+    monkeypatch.setattr(data, "batch", batch)
+    summary = train.run(cfg, tmp_path / "run", resume=True, show_progress=False)
+    assert summary["train_seconds"] > 3.0  # the first segment's seconds are in
+    assert 0 < summary["segment_seconds"] < 3.0 and summary["resumed_at_step"] == 30
+    # most of the run's reports are of the slow segment: the median rate is theirs
+    assert summary["tokens_per_s"] < cfg.tokens_per_step / 0.1
+    assert "resumed at step 30" in report.format_summary(summary)
+    whole = train.run(cfg, tmp_path / "whole", show_progress=False)
+    assert whole["resumed_at_step"] is None and whole["segment_seconds"] is None
+
+
+def test_a_finished_runs_checkpoint_is_its_final_model(dataset, tmp_path):
+    from mlx_qat import export
+
+    out = tmp_path / "run"
+    train.run(micro(dataset, checkpoint_every=15), out, show_progress=False)  # periodic saves at 15 and 30 of 40
+    assert checkpoint.read_meta(out / "checkpoint")["step"] == 40
+    export.main(["--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "again")])
+    final, again = (mx.load(str(path / "model.safetensors")) for path in (out / "model", tmp_path / "again"))
+    assert final.keys() == again.keys()
+    assert all(mx.array_equal(final[k], again[k]).item() for k in final)
 
 
 def test_divergence_stops_the_run_and_keeps_the_checkpoint(dataset, tmp_path):
