@@ -26,7 +26,7 @@ import numpy as np
 
 from common import emit, machine
 from mlx_qat import fit, plan, results, synthetic
-from mlx_qat.law import Law
+from mlx_qat.scaling_law import Law
 
 REFERENCE = Law(alpha=1.7, beta=410, gamma=0.28, zeta=400, eta=0.34, theta=0.08, kappa=0.7, phi=60, chi=0.9, psi=0.15,
                 omega=0.35, lam=200, mu=0.8, nu=0.15, xi=0.45, rho=0.25)

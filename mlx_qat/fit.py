@@ -40,9 +40,9 @@ import numpy as np
 from scipy.optimize import OptimizeResult, minimize, minimize_scalar
 from tqdm import tqdm
 
-from . import law as scaling
+from . import scaling_law
 from .blas_threads import one_blas_thread
-from .law import PARAMS, Law, save_law
+from .scaling_law import PARAMS, Law, save_law
 from .results import FitError, Runs, read_results
 
 HUBER_DELTA = 1e-3  # the smallest δ: the Chinchilla refit's, for sweeps with little noise
@@ -113,7 +113,7 @@ class Coordinates:
     @classmethod
     def of(cls, X: np.ndarray, mask: np.ndarray) -> "Coordinates":
         center, scale, owner = np.zeros(len(PARAMS)), np.ones(len(PARAMS)), np.arange(len(PARAMS))
-        for k, members in enumerate(scaling.TERM_PARAMS):
+        for k, members in enumerate(scaling_law.TERM_PARAMS):
             rows = mask[:, k]
             cols = [PARAMS.index(name) for name in members]
             for j in cols[1:]:  # the first member is the term's coefficient
@@ -124,8 +124,8 @@ class Coordinates:
         return cls(center, scale, owner)
 
     def transform_design(self, X: np.ndarray) -> np.ndarray:
-        member = np.zeros((scaling.N_TERMS, len(PARAMS)), dtype=bool)
-        for k, names in enumerate(scaling.TERM_PARAMS):
+        member = np.zeros((scaling_law.N_TERMS, len(PARAMS)), dtype=bool)
+        for k, names in enumerate(scaling_law.TERM_PARAMS):
             member[k, [PARAMS.index(n) for n in names]] = True
         return np.where(member, (X - self.center) / self.scale, 0.0)
 
@@ -144,7 +144,7 @@ class Coordinates:
         out = []
         for j, k in enumerate(PARAMS):
             lo, hi = BOUNDS[k]
-            out.append((-60, 60) if k in scaling.COEFFICIENTS else (lo * self.scale[j], hi * self.scale[j]))
+            out.append((-60, 60) if k in scaling_law.COEFFICIENTS else (lo * self.scale[j], hi * self.scale[j]))
         return out
 
 
@@ -200,7 +200,7 @@ def fit_vector(runs: Runs, p0s: Sequence[np.ndarray], weights: Optional[np.ndarr
     synthetic laws at 1% noise δ = 1e-3 put the optimal fractions 1.3x further off on average
     (0.075 against 0.040 at the worst law). `effort` bounds each run; `progress` (a tqdm bar)
     is advanced once per start."""
-    X, mask = scaling.design(runs.n, runs.d_fp, runs.d_qat, runs.bits)
+    X, mask = scaling_law.design(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     coords = Coordinates.of(X, mask)
     Xc = coords.transform_design(X)
     log_y = np.log(runs.loss)
@@ -220,7 +220,7 @@ def fit_vector(runs: Runs, p0s: Sequence[np.ndarray], weights: Optional[np.ndarr
                 progress.update()
         start = min(fits, key=lambda r: r.fun).x
         if delta is None:
-            delta = residual_delta(scaling.log_loss(start, Xc, mask) - log_y, weights)
+            delta = residual_delta(scaling_law.log_loss(start, Xc, mask) - log_y, weights)
         best = run(start, delta)
     best.delta = delta
     return coords.from_fit(best.x), best
@@ -313,7 +313,7 @@ def best_fraction_groups(runs: Runs, min_runs: int = 3) -> List[dict]:
             continue
         best = idx[int(np.argmin(runs.loss[idx]))]
         out.append({"N": n, "D_total": d, "B": b, "best_fraction": runs.d_qat[best] / d,
-                    "S_total": float(scaling.tokens_per_param_byte(d, n, b)), "runs": idx})
+                    "S_total": float(scaling_law.tokens_per_param_byte(d, n, b)), "runs": idx})
     return out
 
 
@@ -324,7 +324,7 @@ def fit_predictor_constant(groups: List[dict]) -> Optional[float]:
         return None
     s = np.array([g["S_total"] for g in usable])
     f = np.array([g["best_fraction"] for g in usable])
-    res = minimize_scalar(lambda a: float(((scaling.predicted_qat_fraction(s, a) - f) ** 2).sum()), bounds=(0.01, 100), method="bounded")
+    res = minimize_scalar(lambda a: float(((scaling_law.predicted_qat_fraction(s, a) - f) ** 2).sum()), bounds=(0.01, 100), method="bounded")
     return float(res.x)
 
 
@@ -332,7 +332,7 @@ def fitted_range(runs: Runs) -> dict:
     """Where the law was fitted (a planner says when a question lies outside it): [min, max] of
     N and of the QAT runs' S_total, and their bit widths."""
     qat = runs.is_qat
-    s = scaling.tokens_per_param_byte(runs.d_fp[qat] + runs.d_qat[qat], runs.n[qat], runs.bits[qat])
+    s = scaling_law.tokens_per_param_byte(runs.d_fp[qat] + runs.d_qat[qat], runs.n[qat], runs.bits[qat])
     return {"N_range": [float(runs.n.min()), float(runs.n.max())],
             "S_total_range": [float(s.min()), float(s.max())] if qat.any() else None,
             "bits": sorted(float(b) for b in set(runs.bits[qat]))}
@@ -367,7 +367,7 @@ class FitResult:
         lines.append(f"log residuals: mean {self.residuals.mean():+.2e}, max |r| {np.abs(self.residuals).max():.2e}, "
                      f"RMS {np.sqrt((self.residuals ** 2).mean()):.2e}; Huber δ {self.huber_delta:.3g}")
         a = "not enough (N, D_total, B) groups with 3+ fractions" if self.predictor_a is None else f"{self.predictor_a:.4f}"
-        lines.append(f"predictor constant a: {a} (the paper's: {scaling.PREDICTOR_A})")
+        lines.append(f"predictor constant a: {a} (the paper's: {scaling_law.PREDICTOR_A})")
         if self.bounds:
             lines.append("at a bound of the search (not pinned down by these runs): "
                          + ", ".join(f"{k} ({side})" for k, side in self.bounds.items()))
@@ -419,7 +419,7 @@ def fit(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, label: st
     if samples:
         lo, hi = np.percentile(np.array(samples), [2.5, 97.5], axis=0)
         for k, a, b in zip(PARAMS, lo, hi):
-            ci[k] = [float(np.exp(a)), float(np.exp(b))] if k in scaling.COEFFICIENTS else [float(a), float(b)]
+            ci[k] = [float(np.exp(a)), float(np.exp(b))] if k in scaling_law.COEFFICIENTS else [float(a), float(b)]
 
     predicted = law(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     groups = best_fraction_groups(runs)
@@ -451,7 +451,7 @@ def held_out(runs: Runs, **fit_options) -> dict:
     rows = []
     for g in best_fraction_groups(tested):
         f_law, _ = plan.optimal_fraction(law, g["N"], g["D_total"], g["B"])
-        f_pred = float(scaling.predicted_qat_fraction(g["S_total"])) if g["S_total"] > 1 else math.nan
+        f_pred = float(scaling_law.predicted_qat_fraction(g["S_total"])) if g["S_total"] > 1 else math.nan
         rows.append({k: g[k] for k in ("N", "D_total", "B", "S_total", "best_fraction")} | {"law_fraction": f_law,
                     "predictor_fraction": f_pred})
     fraction_error = lambda key: float(np.nanmean([abs(r[key] - r["best_fraction"]) for r in rows])) if rows else math.nan  # noqa: E731

@@ -6,7 +6,7 @@ from typing import List
 
 import numpy as np
 
-from . import law as scaling
+from . import scaling_law
 from . import plan
 from .fit import FitResult, bits_order, bits_label
 from .results import Runs
@@ -50,9 +50,9 @@ def plot(result: FitResult, runs: Runs, out: Path) -> List[Path]:
 
     s = np.geomspace(2, 1e6, 200)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(s, scaling.predicted_qat_fraction(s), "-", label=f"predictor, a = {scaling.PREDICTOR_A}")
+    ax.plot(s, scaling_law.predicted_qat_fraction(s), "-", label=f"predictor, a = {scaling_law.PREDICTOR_A}")
     if result.predictor_a is not None:
-        ax.plot(s, scaling.predicted_qat_fraction(s, result.predictor_a), "--", label=f"refit, a = {result.predictor_a:.3f}")
+        ax.plot(s, scaling_law.predicted_qat_fraction(s, result.predictor_a), "--", label=f"refit, a = {result.predictor_a:.3f}")
     if result.groups:
         ax.plot([g["S_total"] for g in result.groups], [g["best_fraction"] for g in result.groups], "o", label="best run per group")
     ax.set_xscale("log")

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
-from . import law as scaling
-from .law import LAW_FORMAT, LAW_VERSION, Law, load_law, save_law  # noqa: F401  (plan.load_law etc. stay importable)
+from . import scaling_law
+from .scaling_law import Law, load_law
 
 BIT_WIDTHS = (1, 1.58, 2, 3, 4, 5, 6, 8)
 FP_BITS = 16  # the full-precision reference stores bf16/fp16 weights
@@ -167,13 +167,13 @@ def at_edge(fraction: float) -> bool:
 
 
 def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], fraction: float = 0.1,
-           memory: Optional[float] = None, a: float = scaling.PREDICTOR_A) -> Dict:
+           memory: Optional[float] = None, a: float = scaling_law.PREDICTOR_A) -> Dict:
     """Everything `plan` reports, as one JSON-ready dict."""
-    s_total = float(scaling.tokens_per_param_byte(tokens, n_params, bits))
+    s_total = float(scaling_law.tokens_per_param_byte(tokens, n_params, bits))
     out = {
         "inputs": {"params": n_params, "tokens": tokens, "bits": bits, "fraction": fraction, "memory_bytes": memory},
         "S_total": s_total,
-        "predictor": {"optimal_fraction": float(scaling.predicted_qat_fraction(s_total, a)) if s_total > 1 else None, "a": a,
+        "predictor": {"optimal_fraction": float(scaling_law.predicted_qat_fraction(s_total, a)) if s_total > 1 else None, "a": a,
                       "mae_on_the_papers_runs": PREDICTOR_MAE},
     }
     if law is None:
@@ -287,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         "ships, else the predictor alone)")
     parser.add_argument("--fraction", type=float, default=0.1, help="a QAT fraction to assess (default 0.1)")
     parser.add_argument("--memory", type=parse_size, help="weight memory budget, e.g. 2GB (default: N·B/8)")
-    parser.add_argument("--predictor-a", type=float, default=scaling.PREDICTOR_A, help="the predictor's constant a")
+    parser.add_argument("--predictor-a", type=float, default=scaling_law.PREDICTOR_A, help="the predictor's constant a")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if not 0 < args.fraction < 1:

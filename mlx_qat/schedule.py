@@ -20,7 +20,7 @@ A phase too short to hold its warmup and cooldown is refused, never cut short.
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from . import law
+from . import scaling_law
 
 SCHEDULES = ("separate", "fused")
 
@@ -144,7 +144,7 @@ class RunPlan:
 
     @property
     def s_total(self) -> float:
-        return float(law.tokens_per_param_byte(self.total_tokens, self.n_params, self.bits))
+        return float(scaling_law.tokens_per_param_byte(self.total_tokens, self.n_params, self.bits))
 
 
 def qat_steps(total_steps: int, fraction: float) -> int:
@@ -159,7 +159,7 @@ def plan_run(cfg, n_params: int) -> RunPlan:
     total_steps = cfg.total_tokens // cfg.tokens_per_step
     f = cfg.qat_fraction
     if f == "auto":
-        f = float(law.predicted_qat_fraction(law.tokens_per_param_byte(total_steps * cfg.tokens_per_step, n_params, cfg.bits)))
+        f = float(scaling_law.predicted_qat_fraction(scaling_law.tokens_per_param_byte(total_steps * cfg.tokens_per_step, n_params, cfg.bits)))
     qat = qat_steps(total_steps, f)
     return RunPlan(n_params, cfg.tokens_per_step, total_steps - qat, qat, cfg.bits)
 

@@ -4,8 +4,8 @@ import itertools
 
 import numpy as np
 
-from . import law as scaling
-from .law import PARAMS, Law
+from . import scaling_law
+from .scaling_law import PARAMS, Law
 from .results import Runs
 
 
@@ -13,7 +13,7 @@ def perturbed_law(law: Law, rng: np.random.Generator, coefficients: float = 0.5,
     """The law with each coefficient scaled by e^u, u ~ U(±coefficients), and each exponent by
     e^v, v ~ U(±exponents): another law of the same form, to check the fit on more than one."""
     p = law.to_vector()
-    is_coefficient = np.array([k in scaling.COEFFICIENTS for k in PARAMS])
+    is_coefficient = np.array([k in scaling_law.COEFFICIENTS for k in PARAMS])
     shift = rng.uniform(-1, 1, len(PARAMS))
     p = np.where(is_coefficient, p + coefficients * shift, p * np.exp(exponents * shift))
     return Law.from_vector(p)

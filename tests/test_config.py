@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mlx_qat import config
-from mlx_qat.law import predicted_qat_fraction, tokens_per_param_byte
+from mlx_qat.scaling_law import predicted_qat_fraction, tokens_per_param_byte
 from mlx_qat.train import plan_run
 
 

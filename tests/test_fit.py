@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_qat import blas_threads, fit, plan, results, synthetic
-from mlx_qat import law as scaling
-from mlx_qat.law import PARAMS, Law
+from mlx_qat import scaling_law
+from mlx_qat.scaling_law import PARAMS, Law
 
 BASE = Law(alpha=1.7, beta=410, gamma=0.28, zeta=400, eta=0.34, theta=0.08, kappa=0.7, phi=60, chi=0.9, psi=0.15,
            omega=0.35, lam=200, mu=0.8, nu=0.15, xi=0.45, rho=0.25)
@@ -33,7 +33,7 @@ def fraction_errors(truth: Law, law: Law, points) -> np.ndarray:
 
 
 def fit_objective(law: Law, runs: results.Runs, delta: float) -> float:
-    X, mask = scaling.design(runs.n, runs.d_fp, runs.d_qat, runs.bits)
+    X, mask = scaling_law.design(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     return fit.objective(law.to_vector(), X, mask, np.log(runs.loss), np.ones(len(runs)), delta)[0]
 
 
@@ -77,7 +77,7 @@ def test_perturbed_laws_differ_within_their_ranges():
     for law in laws:
         p = law.to_vector()
         for k, a, b in zip(PARAMS, base, p):
-            if k in scaling.COEFFICIENTS:
+            if k in scaling_law.COEFFICIENTS:
                 assert abs(b - a) <= 0.5
             else:
                 assert abs(math.log(b / a)) <= 0.2
@@ -190,7 +190,7 @@ def test_results_validation(tmp_path, record, message):
 ISOLATED = """
 import runpy, sys
 from pathlib import Path
-import mlx_qat.fit, mlx_qat.law, mlx_qat.plan
+import mlx_qat.fit, mlx_qat.scaling_law, mlx_qat.plan
 for module, args in (("mlx_qat.fit", sys.argv[1:]), ("mlx_qat.plan", ["--params", "1e8", "--tokens", "1e10", "--bits", "2"])):
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -224,7 +224,7 @@ def test_fit_command_options(tmp_path):
         warnings.simplefilter("ignore")
         fit.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "law.json"),
                   "--bootstrap", "3", "--workers", "1", "--huber-delta", "0.002", "--quiet"])
-    law = scaling.load_law(tmp_path / "law.json")
+    law = scaling_law.load_law(tmp_path / "law.json")
     assert law.meta["n_runs"] == len(runs) and law.meta["bootstrap"] == 3 and law.meta["huber_delta"] == 0.002
     for bad in (["--bootstrap", "-1"], ["--workers", "two"]):
         with pytest.raises(SystemExit):

@@ -10,9 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_qat import fit, plan, synthetic
-from mlx_qat import law as scaling
-from mlx_qat.law import Law, predicted_qat_fraction, tokens_per_param_byte
+from mlx_qat import plan, scaling_law, synthetic
+from mlx_qat.scaling_law import Law, predicted_qat_fraction, tokens_per_param_byte
 
 # Known laws with realistic QAT penalties (median ~5% over FP, tens of % at 1 bit and small S).
 TRUTHS = [
@@ -110,7 +109,7 @@ def test_fit_and_plan_commands(tmp_path):
     assert "R² overall" in out and "predictor constant a" in out
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {
         "loss_vs_fraction.png", "optimal_fraction_vs_S.png", "predicted_vs_observed.png", "wasted_tokens_vs_S.png"}
-    law = plan.load_law(tmp_path / "law.json")
+    law = scaling_law.load_law(tmp_path / "law.json")
     assert law.meta["n_runs"] == len(runs)
 
     args = ["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--law", str(tmp_path / "law.json"), "--memory", "1GB"]
@@ -137,7 +136,7 @@ def test_plan_without_a_law_uses_the_predictor(capsys, monkeypatch):
 
 
 def test_a_packaged_law_is_the_default(tmp_path, monkeypatch, capsys):
-    scaling.save_law(Law(**TRUTHS[0].as_dict(), meta={"label": "packaged"}), tmp_path / "local.json")
+    scaling_law.save_law(Law(**TRUTHS[0].as_dict(), meta={"label": "packaged"}), tmp_path / "local.json")
     monkeypatch.setattr(plan, "PACKAGED_LAW", str(tmp_path / "local.json"))  # an absolute path joins as itself
     plan.main(["--params", "1e8", "--tokens", "1e10", "--bits", "2", "--json"])
     answer = json.loads(capsys.readouterr().out)
@@ -147,17 +146,17 @@ def test_a_packaged_law_is_the_default(tmp_path, monkeypatch, capsys):
 
 def test_law_files_round_trip_and_explain_their_problems(tmp_path):
     law = Law(**TRUTHS[1].as_dict(), meta={"label": "x", "n_runs": 3})
-    scaling.save_law(law, tmp_path / "law.json")
-    back = scaling.load_law(tmp_path / "law.json")
+    scaling_law.save_law(law, tmp_path / "law.json")
+    back = scaling_law.load_law(tmp_path / "law.json")
     assert back.as_dict() == law.as_dict() and back.meta == {"label": "x", "n_runs": 3}
-    assert json.loads((tmp_path / "law.json").read_text())["format"] == scaling.LAW_FORMAT
-    assert plan.load_law is scaling.load_law and plan.save_law is scaling.save_law
+    assert json.loads((tmp_path / "law.json").read_text())["format"] == scaling_law.LAW_FORMAT
+    assert plan.load_law is scaling_law.load_law
     assert [p.name for p in tmp_path.iterdir()] == ["law.json"]  # no temporary file left behind
     for text, message in [("{", "cannot read"), ('{"format": "other"}', "not a version-1"), ("[1]", "not a version-1"),
                           ('{"format": "mlx_qat.law", "version": 1, "params": {"alpha": 1}}', "lacks the parameters")]:
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(ValueError, match=message):
-            scaling.load_law(tmp_path / "bad.json")
+            scaling_law.load_law(tmp_path / "bad.json")
 
 
 def test_plan_argument_errors(capsys, tmp_path):
