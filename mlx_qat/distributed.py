@@ -20,9 +20,21 @@ class RankError(RuntimeError):
     """Ranks that cannot train together, with what to do about it."""
 
 
-def world() -> mx.distributed.Group:
-    """The group `mlx.launch` started this process in (size 1 when run alone)."""
-    return mx.distributed.init()
+class Alone:
+    """A group of this process alone, even under `mlx.launch`: what a sweep's rank trains its own
+    runs in (every collective of a group of one is the identity, so none is called)."""
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
+
+def world(alone: bool = False) -> mx.distributed.Group:
+    """The group `mlx.launch` started this process in (size 1 when run alone), or, with `alone`,
+    this process by itself."""
+    return Alone() if alone else mx.distributed.init()
 
 
 def is_writer(group: mx.distributed.Group) -> bool:

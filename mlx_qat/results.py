@@ -59,12 +59,20 @@ class Runs:
 SHARD_RESULTS = re.compile(r"results-\d+-of-\d+\.jsonl")  # what each shard of a sweep writes
 
 
+def shard_files(directory: Path) -> List[Path]:
+    """A sweep directory's results.jsonl and its shards' results-i-of-n.jsonl (none if it has none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name == "results.jsonl" or SHARD_RESULTS.fullmatch(p.name))
+
+
 def results_files(path: Path) -> List[Path]:
     """A results file as given; a sweep directory as its results.jsonl and shard results."""
     path = Path(path)
     if not path.is_dir():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.name == "results.jsonl" or SHARD_RESULTS.fullmatch(p.name))
+    files = shard_files(path)
     if not files:
         raise FitError(f"{path} is a directory without results.jsonl; pass a sweep directory "
                        "(python -m mlx_qat.sweep --out DIR) or the results file itself")

@@ -28,7 +28,11 @@ and sweep.json (the plan and what was measured); `--results-dir` keeps the last 
 redone nor duplicated, killed trunks and runs continue from their checkpoints, and on a machine
 with the results alone the unfinished trunks are trained again and branched from.
 `--shard i/n` splits the trunks (with their runs) deterministically over n processes/machines;
-each shard writes results-i-of-n.jsonl, and `mlx_qat.fit DIR` reads them all.
+each shard writes results-i-of-n.jsonl, and `mlx_qat.fit DIR` reads them all. Under `mlx.launch`
+each rank takes its shard by itself (rank i of n, every run trained by one rank alone, not data
+parallel), and when all are done rank 0 merges the shards into one results.jsonl:
+
+    mlx.launch --hostfile hosts.json python -m mlx_qat.sweep --config sweep.yaml --out DIR
 """
 
 import argparse
@@ -47,7 +51,7 @@ from . import blas  # noqa: F401  (the fast BLAS, before mlx.core)
 import mlx.core as mx  # noqa: E402
 import yaml  # noqa: E402
 
-from . import atomic, checkpoint, config, data, model as models, train  # noqa: E402
+from . import atomic, checkpoint, config, data, distributed, model as models, results, train  # noqa: E402
 from .schedule import RunPlan, make_schedule, plan_run  # noqa: E402
 
 SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
@@ -266,10 +270,8 @@ class Sweep:
         return [r for t in self.trunks for r in t.runs] + self.alone
 
     def finished(self) -> Dict[str, dict]:
-        if not self.results_path.exists():
-            return {}
-        records = [json.loads(line) for line in self.results_path.read_text().splitlines() if line.strip()]
-        return {r["name"]: r for r in records}
+        """Every run recorded in the results directory, by any shard (however the sweep was split before)."""
+        return {r["name"]: r for r in read_records(self.results_path.parent)}
 
     def figures(self) -> dict:
         runs = self.runs
@@ -302,6 +304,23 @@ def measure_rate(cfg: config.TrainConfig, steps: int = 3) -> float:
 
 def versions() -> dict:
     return {name: metadata.version(name) for name in ("mlx_qat", "mlx", "mlx-lm")}
+
+
+def read_records(results_dir: Path) -> List[dict]:
+    """The records of results.jsonl and every shard's results-i-of-n.jsonl in `results_dir`."""
+    return [json.loads(line) for f in results.shard_files(results_dir) for line in f.read_text().splitlines() if line.strip()]
+
+
+def merge_results(results_dir: Path) -> Path:
+    """Fold the shards' results into one results.jsonl (each run once), then drop the shard files."""
+    merged, path = {}, Path(results_dir) / "results.jsonl"
+    for record in read_records(results_dir):
+        merged.setdefault(record["name"], record)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in merged.values()))
+    for f in results.shard_files(results_dir):
+        if f != path:
+            f.unlink()
+    return path
 
 
 def result_record(run: Run, summary: dict) -> dict:
@@ -339,15 +358,15 @@ def run_sweep(sweep: Sweep) -> dict:
             continue
         trunk_dir = sweep.trunk_dir(trunk)
         print(f"trunk {trunk.name}: {trunk.cfg.total_tokens:,} tokens, {len(todo)} runs to branch", file=sys.stderr)
-        train.run_to_end(trunk.cfg, trunk_dir)
+        train.run_to_end(trunk.cfg, trunk_dir, alone=True)
         for r in todo:
             print(f"run {r.name} (from {r.branch_tokens:,} tokens)", file=sys.stderr)
             snapshot = checkpoint.snapshot_path(trunk_dir, r.branch_tokens)
-            record(r, train.run_to_end(r.cfg, sweep.out / "runs" / r.name, snapshot))
+            record(r, train.run_to_end(r.cfg, sweep.out / "runs" / r.name, snapshot, alone=True))
     for r in sweep.alone:
         if r.name not in done:
             print(f"run {r.name} (from scratch)", file=sys.stderr)
-            record(r, train.run_to_end(r.cfg, sweep.out / "runs" / r.name))
+            record(r, train.run_to_end(r.cfg, sweep.out / "runs" / r.name, alone=True))
     return figures()
 
 
@@ -410,8 +429,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--results-dir", type=Path, help="where results.jsonl and sweep.json live (default: --out); "
                         "runs recorded there are not trained again, so a sweep resumes from its committed results alone")
     args = parser.parse_args(argv)
+    group = distributed.world()
+    if group.size() > 1 and args.shard != (0, 1):
+        parser.exit(2, "error: --shard and mlx.launch both split the sweep; use one of them\n")
+    shard_spec = (group.rank(), group.size()) if group.size() > 1 else args.shard
     try:
-        sweep = Sweep(args.config, args.out, args.shard, args.results_dir)
+        sweep = Sweep(args.config, args.out, shard_spec, args.results_dir)
         done = sweep.finished()
         left = tokens_left(sweep, done)
         configs = {trunk_key(r.cfg): r.cfg for r in sweep.runs}
@@ -422,6 +445,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         figures = run_sweep(sweep)
     except (SweepError, ValueError, FileNotFoundError, train.TrainingError, checkpoint.CheckpointError) as e:
         parser.exit(2, f"error: {e}\n")
+    if group.size() > 1:
+        distributed.all_sum(1, group).item()  # every rank is done before rank 0 merges
+        if distributed.is_writer(group):
+            print(f"merged the {group.size()} ranks' results into {merge_results(sweep.results_path.parent)}")
     print(f"finished {figures['runs_finished']}/{figures['runs_total']} runs; trained {figures['tokens_trained']:,} "
           f"tokens vs {figures['tokens_independent']:,} independently; {figures['wall_seconds'] / 3600:.2f} h; "
           f"results in {sweep.results_path}")

@@ -408,11 +408,11 @@ def begin(cfg: config.TrainConfig, out: Path, resume: bool, init_from: Optional[
 
 
 def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Optional[Path] = None,
-        show_progress: bool = True) -> Optional[dict]:
+        show_progress: bool = True, alone: bool = False) -> Optional[dict]:
     """Train `cfg` in `out`; under `mlx.launch`, data-parallel over the launched ranks (see
-    mlx_qat.distributed). Returns the summary (None on ranks other than 0)."""
+    mlx_qat.distributed) unless `alone`. Returns the summary (None on ranks other than 0)."""
     out, init_from = Path(out), Path(init_from) if init_from else None
-    group = distributed.world()
+    group = distributed.world(alone)
     writer = distributed.is_writer(group)
     if resume and (out / SUMMARY).exists():
         if writer:
@@ -446,7 +446,8 @@ def run(cfg: config.TrainConfig, out: Path, resume: bool = False, init_from: Opt
     return finish(state, out, dataset, monitor, val_batches, monitor.seconds_before + seconds, start, segment)
 
 
-def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = None, show_progress: bool = True) -> dict:
+def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = None, show_progress: bool = True,
+               alone: bool = False) -> dict:
     """Train `cfg` in `out` to the end, whatever a killed process left there: a finished run's
     summary is returned, a checkpointed one resumed (from its newest checkpoint that reads back
     whole), one killed before its first checkpoint, or whose every checkpoint is corrupt, started again."""
@@ -454,11 +455,11 @@ def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = N
         return json.loads((out / SUMMARY).read_text())
     corrupt = []
     if checkpoint.find(out, lambda _, e: corrupt.append(e)) is not None:
-        return run(cfg, out, resume=True, show_progress=show_progress)
+        return run(cfg, out, resume=True, show_progress=show_progress, alone=alone)
     if corrupt:
         print(f"warning: no checkpoint in {out} reads back whole ({corrupt[0]}); starting the run again", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)  # nothing to keep
-    return run(cfg, out, init_from=init_from, show_progress=show_progress)
+    return run(cfg, out, init_from=init_from, show_progress=show_progress, alone=alone)
 
 
 def init_source(path: Optional[Path], overrides: dict) -> Optional[Path]:

@@ -128,3 +128,25 @@ def test_a_run_from_a_pretrained_model_trains_alike_on_two_ranks(dataset, tmp_pa
     for key in ("reference_val_loss", "ptq_val_loss", "final_val_loss"):
         assert abs(one[key] - two[key]) < 1e-4, key
     assert result.stdout.count("val loss, PTQ") == 1
+
+
+def test_a_sweep_under_mlx_launch_shards_by_rank_and_leaves_one_results_file(dataset, tmp_path):
+    """Each rank trains its own whole trunks alone (no data parallelism: the batch of 3 would not
+    divide over 2 ranks), and rank 0 merges the shards; the records equal a one-process sweep's."""
+    base = dict(data=str(dataset), model=MICRO_MODEL, total_tokens=20 * 3 * 32, batch_size=3, seq_len=32, bits=2,
+                group_size=32, warmup_tokens=2 * 3 * 32, report_every=5, eval_every=100, eval_batches=2, checkpoint_every=10)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    doc = {"base": "base.yaml", "grid": {"seed": [0, 1], "qat_fraction": [0.25, 0.5]}, "fp_baselines": False}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    sweep = [sys.executable, "-m", "mlx_qat.sweep", "--config", str(tmp_path / "sweep.yaml")]
+    result = launch(*sweep, "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "two").glob("results*.jsonl")) == ["results.jsonl"]
+    two = {r["name"]: r for r in map(json.loads, (tmp_path / "two" / "results.jsonl").read_text().splitlines())}
+    assert len(two) == 4 and len({r["trunk"] for r in two.values()}) == 2
+    assert len(list((tmp_path / "two" / "trunks").iterdir())) == 2  # one trunk per seed, one per rank
+    subprocess.run([*sweep, "--out", str(tmp_path / "one")], check=True, capture_output=True)
+    one = {r["name"]: r for r in map(json.loads, (tmp_path / "one" / "results.jsonl").read_text().splitlines())}
+    assert {k: round(r["final_val_loss"], 4) for k, r in two.items()} == {k: round(r["final_val_loss"], 4) for k, r in one.items()}
+    again = launch(*sweep, "--out", str(tmp_path / "two"), "--shard", "0/2")
+    assert "--shard and mlx.launch both split the sweep" in again.stderr
