@@ -26,9 +26,7 @@ def synthetic_runs(law: Law, rng: np.random.Generator, noise: float = 0.01,
     runs included at every (N, D) of the 4-bit grid.
 
     The fractions reach 0.02 and 0.98 because runs with little QAT or little FP training tell
-    the S_qat and S_fp exponents apart: at 1% noise they halve the standard error of the fitted
-    optimal fraction against fractions 0.1-0.9 (largest over the sweep's (N, S, B): 0.012
-    against 0.024 for the median of 8 perturbed laws, 0.024 against 0.042 for the worst)."""
+    the S_qat and S_fp exponents apart (benchmarks/bench_fit.py measures how well)."""
     rows = []
     for n, s in itertools.product(sizes, s_totals):
         for b, f in itertools.product(widths, fractions):
