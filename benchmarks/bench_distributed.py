@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
-from common import emit, machine
-from mlx_qat import config, data, distributed, train
+from common import emit, machine, qat_step
+from mlx_qat import config, data, distributed, model as models
 from mlx_qat.evaluate import loss_fn
+from mlx_qat.step import keep_freed_buffers
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -30,20 +31,19 @@ import mlx.nn as nn  # noqa: E402
 def worker(cfg_path: Path, steps: int, out: Path) -> None:
     group = distributed.world()
     cfg = config.load(cfg_path, {"qat_fraction": 1.0})
-    dataset = train.load_data(cfg)
-    train.keep_freed_buffers()
-    state = train.setup(cfg, dataset, group)
-    state.step_fn = train.switch_to_qat(state.model, state.optimizer, cfg, group=group)
-    state.optimizer.learning_rate = cfg.learning_rate
+    dataset = data.load(cfg)
+    keep_freed_buffers()
+    model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
+    _, train_step = qat_step(model, cfg, group)
     batch = lambda k: mx.array(distributed.rows(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, k), group))  # noqa: E731
     for k in range(3):
-        mx.eval(state.step_fn(batch(k)), state.model.state)
+        mx.eval(train_step(batch(k)), model.state)
     start = time.perf_counter()
     for k in range(3, 3 + steps):
-        mx.eval(state.step_fn(batch(k)), state.model.state)
+        mx.eval(train_step(batch(k)), model.state)
     step_s = (time.perf_counter() - start) / steps
 
-    _, grads = nn.value_and_grad(state.model, loss_fn)(state.model, batch(0))
+    _, grads = nn.value_and_grad(model, loss_fn)(model, batch(0))
     mx.eval(grads)
     mx.eval(nn.average_gradients(grads, group))
     start = time.perf_counter()

@@ -7,7 +7,7 @@ style): ŵ = α_s · (x + stop_gradient(q(x) − x)) with the α gradient scaled
 Bytes moved per element: forward reads w and writes ŵ, backward reads w and g and writes dw
 (20 bytes in float32; α is negligible). Copy bandwidth: numpy copy on the CPU, a device copy
 on a GPU; for context, `mlx_copy_GBps` is an MLX elementwise pass (w * 1). Outputs come from
-MLX's buffer cache sized as training sizes it (train.keep_freed_buffers), as numpy's copy reuses
+MLX's buffer cache sized as training sizes it (step.keep_freed_buffers), as numpy's copy reuses
 its destination; `ours_default_cache_ms` is the same call under MLX's default CPU cache (32 MB),
 where multi-MB outputs are fresh pages from the OS.
 
@@ -20,9 +20,10 @@ import time
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
 from common import emit, machine
-from mlx_qat import QuantSpec, fake_quant, init_scale, train
+from mlx_qat import QuantSpec, fake_quant, init_scale
 from mlx_qat.fakequant import select_backend
 from mlx_qat.quantizers import CLIP, gradient_scale, level
+from mlx_qat.step import keep_freed_buffers
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -85,7 +86,7 @@ def main():
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
-    train.keep_freed_buffers()  # as training does
+    keep_freed_buffers()  # as training does
     backend = select_backend()  # the fused kernel of this device; MLX_QAT_FAKE_QUANT=mlx for the reference
     rows = []
     for millions in args.sizes:

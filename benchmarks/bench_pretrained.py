@@ -49,14 +49,16 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
-from common import machine, revision
+from common import machine, qat_step, revision
 from mlx_qat import atomic, baselines, config, data, pretrained, train
 from mlx_qat.evaluate import evaluate
+from mlx_qat.schedule import plan_run
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -109,8 +111,8 @@ def qat(cfg: config.TrainConfig, out: Path, batches: list) -> dict:
 def dwq(cfg: config.TrainConfig, start, batches: list) -> dict:
     """DWQ of the PTQ model on the QAT runs' training batches (the same budget)."""
     started = time.perf_counter()
-    dataset = train.load_data(cfg, start.tokenizer)
-    plan = train.plan_run(cfg, 1)  # only the step count matters here
+    dataset = data.load(cfg, start.tokenizer)
+    plan = plan_run(cfg, 1)  # only the step count matters here
     tuned = baselines.dwq(baselines.ptq(start, cfg), start.model, cfg, dataset, plan.total_steps)
     return {"held_out": baselines.evaluate_quantized(tuned, batches), "seconds": time.perf_counter() - started}
 
@@ -118,11 +120,9 @@ def dwq(cfg: config.TrainConfig, start, batches: list) -> dict:
 def qat_state(cfg: config.TrainConfig, gguf: Path) -> tuple:
     """(state, dataset) ready for compiled QAT steps from the GGUF, as a run sets them up."""
     start = pretrained.load(gguf)
-    dataset = train.load_data(cfg, start.tokenizer)
-    state = train.setup(cfg, dataset, start=start)
-    state.step_fn = train.switch_to_qat(state.model, state.optimizer, cfg, loss=state.loss)
-    state.optimizer.learning_rate = cfg.learning_rate
-    return state, dataset
+    dataset = data.load(cfg, start.tokenizer)
+    optimizer, step_fn = qat_step(start.model, cfg)
+    return SimpleNamespace(cfg=cfg, model=start.model, optimizer=optimizer, step_fn=step_fn), dataset
 
 
 def timed_step(state, dataset, k: int) -> float:
@@ -261,7 +261,7 @@ def main():
         config_for = lambda bits, loss="ce": run_config(args, gguf, train_file, work, bits, loss)  # noqa: E731
         start = pretrained.load(gguf)
         batches = held_out_batches(held_out, start.tokenizer, args.batch_size, args.seq_len)
-        train_tokens = int(train.load_data(config_for(4), start.tokenizer).train.size)
+        train_tokens = int(data.load(config_for(4), start.tokenizer).train.size)
         results.data.update(learning_rate=config_for(4).learning_rate, text=f"{TEXT.name}: {train_tokens} training tokens, "
                             f"{sum(b.size - b.shape[0] for b in batches)} held-out next-token predictions")
         results.get("held_out_loss", "reference", measure=lambda: evaluate(start.model, batches))

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
-from common import emit, machine
+from common import emit, machine, qat_step
 from mlx_qat import config, data, model as models, train
 from mlx_qat.evaluate import loss_fn
+from mlx_qat.step import keep_freed_buffers, make_optimizer, make_train_step
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -45,7 +46,7 @@ def time_steps(steps, batches, warmup: int = 3) -> list:
 
 def build(cfg, dataset):
     model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
-    optimizer = train.make_optimizer(cfg)
+    optimizer = make_optimizer(cfg)
     optimizer.learning_rate = cfg.learning_rate
     return model, optimizer
 
@@ -53,7 +54,7 @@ def build(cfg, dataset):
 def mlx_steps(cfg, dataset, n):
     batches = [mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, i)) for i in range(n)]
     fp_model, fp_opt = build(cfg, dataset)
-    fp_step = train.make_train_step(fp_model, fp_opt, cfg.grad_clip)
+    fp_step = make_train_step(fp_model, fp_opt, cfg.grad_clip)
 
     eager_model, eager_opt = build(cfg, dataset)
     loss_and_grad = nn.value_and_grad(eager_model, loss_fn)
@@ -63,15 +64,16 @@ def mlx_steps(cfg, dataset, n):
         eager_opt.update(eager_model, grads)
         return loss
 
-    qat_model, qat_opt = build(cfg, dataset)
-    qat_step = train.switch_to_qat(qat_model, qat_opt, cfg)
+    qat_model, _ = build(cfg, dataset)
+    _, qat_train_step = qat_step(qat_model, cfg)
 
     # Where the time goes: the LM head and cross-entropy alone, forward and backward.
     hidden = mx.random.normal((cfg.batch_size, cfg.seq_len, fp_model.args.hidden_size))
     head = fp_model.model.embed_tokens.weight
     head_grad = mx.compile(mx.grad(lambda h, w, t: mx.fast.cross_entropy(h @ w.T, t).mean(), argnums=(0, 1)))
 
-    fp, eager, qat, head_time = time_steps([fp_step, eager_step, qat_step, lambda b: head_grad(hidden, head, b[:, 1:])], batches)
+    head_step = lambda b: head_grad(hidden, head, b[:, 1:])  # noqa: E731
+    fp, eager, qat, head_time = time_steps([fp_step, eager_step, qat_train_step, head_step], batches)
     return {"n_params": models.num_params(fp_model), "fp_step_s": fp, "fp_step_uncompiled_s": eager,
             "qat_step_s": qat, "qat_over_fp": qat / fp, "head_and_loss_fwd_bwd_s": head_time}
 
@@ -269,8 +271,8 @@ def main():
     args = parser.parse_args()
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v}
     cfg = config.load(args.config, overrides)
-    dataset = train.load_data(cfg)
-    train.keep_freed_buffers()  # as training does
+    dataset = data.load(cfg)
+    keep_freed_buffers()  # as training does
     mlx_result = mlx_steps(cfg, dataset, args.steps)
     loop = loop_throughput(cfg, args.steps + 10)
     bare = cfg.tokens_per_step / mlx_result["fp_step_s"]

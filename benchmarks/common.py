@@ -22,6 +22,19 @@ def revision() -> str:
     return head.strip() + ("+changes" if dirty.strip() else "")
 
 
+def qat_step(model, cfg, group=None, loss=None) -> tuple:
+    """(optimizer, compiled step) of `model`, converted in place to its QAT form, as a run trains
+    it after its switch to QAT (the optimizer fresh, at the peak learning rate)."""
+    from mlx_qat import step
+    from mlx_qat.layers import quant_specs, to_qat
+
+    to_qat(model, quant_specs(model, cfg.spec, cfg.embedding_spec))
+    step.apply_memory_options(model, cfg)
+    optimizer = step.make_optimizer(cfg)
+    loss = step.make_loss(cfg) if loss is None else loss
+    return optimizer, step.make_train_step(model, optimizer, cfg.grad_clip, group, loss)
+
+
 def emit(result: dict, path=None) -> None:
     print(json.dumps(result, indent=2))
     if path:

@@ -1,8 +1,9 @@
 """Give MLX's Linux CPU backend an optimized BLAS.
 
-The Linux CPU wheel of MLX links the reference BLAS (~4 GFLOP/s for a float32 matmul).
-Loading an optimized CBLAS with RTLD_GLOBAL *before* `mlx.core` is first imported makes the
-dynamic linker resolve MLX's `cblas_*` calls to it instead (~40x faster on 2 cores).
+The Linux CPU wheel of MLX links the reference BLAS, whose unblocked loops leave a float32
+matmul far from the machine's speed. Loading an optimized CBLAS with RTLD_GLOBAL *before*
+`mlx.core` is first imported makes the dynamic linker resolve MLX's `cblas_*` calls to it
+instead (the measured gain is in docs/PERFORMANCE.md).
 
 Sources, in order: the library named by $MLX_QAT_BLAS ("none" disables the search), an MKL or
 OpenBLAS inside the active Python environment, the system's OpenBLAS.

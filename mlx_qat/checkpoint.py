@@ -57,7 +57,7 @@ def save(path: Path, model: nn.Module, optimizer: optim.Optimizer, meta: dict, m
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         if metrics is not None and metrics.exists():
-            shutil.copy(metrics, tmp / "metrics.jsonl")
+            shutil.copy(metrics, tmp / metrics.name)
         atomic.sync(tmp)  # the digests describe what is on the disk
         meta["sha256"] = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2))

@@ -16,22 +16,13 @@ from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get
 
 import yaml
 
+from .constants import BITS, BYTE_FALLBACK_PIECES, DEFAULT_VOCAB_SIZE, GROUP_SIZES, MIN_VOCAB_SIZE, SCALES_DTYPE_NAMES
 from .presets import NAMES as PRESET_NAMES
-from .quantizers import BITS, GROUP_SIZES, QuantSpec, default_embedding_bits
+from .quantizers import QuantSpec, default_embedding_bits
 from .schedule import SCHEDULES, make_schedule, plan_run
 
-# The keys of export.SCALES_DTYPES, named here so that reading a config does not import export.
-SCALES_DTYPE_NAMES = ("float32", "float16", "bfloat16")
-MIN_VOCAB_SIZE = 260  # byte fallback alone needs 256 byte pieces + <unk>, <s>, </s>
 LOSSES = ("ce", "distill")
 COMPARISONS = ("dwq",)
-# A pretrained start fine-tunes, so the keys the user leaves unset change: QAT from token 0 (the
-# model is trained already), 2% warmups (only Adam's moments need them), and a learning rate of
-# 1e-4. Why 1e-4: Adam moves a weight by about the learning rate per step, so 1,000 steps move it
-# up to ~0.1: across a 4-bit grid step of SmolLM2-135M's weights (group max |w| ~0.5, step
-# ~0.5/7) and through a good part of a 2-bit one (~0.25); 2e-5, usual for full fine-tuning,
-# would move 5x less, and the presets' 3e-3 is a pretraining peak that throws a trained model off.
-PRETRAINED_DEFAULTS = {"qat_fraction": 1.0, "warmup": 0.02, "qat_warmup": 0.02, "learning_rate": 1e-4}
 
 
 # ---------------------------------------------------------------- coercion by declared type
@@ -100,96 +91,146 @@ def _token_counts(value):
     return sorted(set(counts))
 
 
-def key(default, help: str, need: str, valid: Optional[Callable] = None, coerce: Optional[Callable] = None):
+def key(default, help: str, need: str, valid: Optional[Callable] = None, coerce: Optional[Callable] = None, *,
+        section: Optional[str] = None, resume: bool = False, branch: bool = False,
+        pretrained_default=dataclasses.MISSING):
     """A config key: its default, --help text, what a valid value is, a range check and,
-    where the declared type does not say, how to coerce a value."""
+    where the declared type does not say, how to coerce a value.
+
+    section: the --help heading that starts at this key (the keys after it belong to it too).
+    The roles that other modules read from the catalogue (RESUME_MAY_CHANGE, BRANCH_KEYS,
+    PRETRAINED_DEFAULTS below):
+      resume: a resumed run may change it, since it changes no number the run computes;
+      branch: it changes a run only after the run leaves the FP trunk that a sweep shares among
+              runs; every other key (except those a resume may change) shapes the trunk;
+      pretrained_default: its default on a pretrained start, which fine-tunes a trained model
+              (MISSING: the usual default).
+    """
     kind = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**kind, metadata={"help": help, "need": need, "valid": valid, "coerce": coerce})
+    roles = {"section": section, "resume": resume, "branch": branch, "pretrained_default": pretrained_default}
+    return field(**kind, metadata={"help": help, "need": need, "valid": valid, "coerce": coerce, **roles})
 
 
-positive = lambda v: v > 0  # noqa: E731
-non_negative = lambda v: v >= 0  # noqa: E731
-fraction = lambda v: 0 <= v <= 1  # noqa: E731
-below_one = lambda v: 0 <= v < 1  # noqa: E731
-BITS_TEXT = f"one of {', '.join(map(str, BITS))} (1.58 = ternary)"
+def positive(v) -> bool:
+    return v > 0
+
+
+def non_negative(v) -> bool:
+    return v >= 0
+
+
+def fraction(v) -> bool:
+    return 0 <= v <= 1
+
+
+def below_one(v) -> bool:
+    return 0 <= v < 1
+
+
+def listed(values) -> str:
+    return ", ".join(map(str, values))
+
+
+BITS_TEXT = f"one of {listed(BITS)} (1.58 = ternary)"
 
 
 @dataclass
 class TrainConfig:
     # data: a prepared dataset directory, or inputs to prepare (see mlx_qat.data)
     data: Union[str, List[str]] = key("builtin", "prepared dir, or files/dirs/globs/hf:NAME/builtin",
-                                      "a path, glob, hf:NAME or builtin, or a non-empty list of them", coerce=_data_inputs)
-    vocab_size: int = key(2048, "tokenizer vocabulary when preparing data; ignored with `pretrained`",
-                          f"an integer >= {MIN_VOCAB_SIZE} (byte fallback needs 259 pieces), e.g. 2048", lambda v: v >= MIN_VOCAB_SIZE)
-    data_cache: str = key("~/.cache/mlx_qat/data", "where prepared data is kept", "a directory path", bool)
+                                      "a path, glob, hf:NAME or builtin, or a non-empty list of them", coerce=_data_inputs,
+                                      section="data")
+    vocab_size: int = key(DEFAULT_VOCAB_SIZE, "tokenizer vocabulary when preparing data; ignored with `pretrained`",
+                          f"an integer >= {MIN_VOCAB_SIZE} (byte fallback needs {BYTE_FALLBACK_PIECES} pieces), "
+                          f"e.g. {DEFAULT_VOCAB_SIZE}", lambda v: v >= MIN_VOCAB_SIZE)
+    data_cache: str = key("~/.cache/mlx_qat/data", "where prepared data is kept", "a directory path", bool, resume=True)
     # model (checked in validate: it needs vocab_size)
     model: Any = key("tiny", f"a preset ({PRESET_NAMES}) or a dict of llama arguments; ignored with `pretrained`",
-                     f"a preset ({PRESET_NAMES}) or a mapping of llama arguments", coerce=lambda v: v)
+                     f"a preset ({PRESET_NAMES}) or a mapping of llama arguments", coerce=lambda v: v, section="model")
     pretrained: Optional[str] = key(None, "start from this pretrained model (mlx-lm/HF directory or llama .gguf; "
                                     "--init-from MODEL sets it): its architecture and tokenizer replace model/vocab_size",
                                     "null or the path of a model directory or .gguf file", bool)
     # tokens and batches
-    total_tokens: int = key(2_000_000, "D_total: tokens of FP + QAT training", "a positive integer, e.g. 2e6", positive)
+    total_tokens: int = key(2_000_000, "D_total: tokens of FP + QAT training", "a positive integer, e.g. 2e6", positive,
+                            section="tokens and batches", branch=True)
     batch_size: int = key(16, "sequences per step", "a positive integer, e.g. 16", positive)
     seq_len: int = key(128, "tokens per sequence", "a positive integer, e.g. 128", positive)
-    # optimizer (AdamW)
-    learning_rate: float = key(3e-3, "peak learning rate", "a positive number, e.g. 3e-3", positive)
+    # optimizer (AdamW). On a pretrained start, 1e-4: Adam moves a weight by about the learning
+    # rate per step, so 1,000 steps move it up to ~0.1: across a 4-bit grid step of SmolLM2-135M's
+    # weights (group max |w| ~0.5, step ~0.5/7) and through a good part of a 2-bit one (~0.25);
+    # 2e-5, usual for full fine-tuning, would move 5x less, and the presets' 3e-3 is a pretraining
+    # peak that throws a trained model off.
+    learning_rate: float = key(3e-3, "peak learning rate", "a positive number, e.g. 3e-3", positive,
+                               section="optimizer", pretrained_default=1e-4)
     weight_decay: float = key(0.1, "AdamW weight decay (not applied to α or norms)", "a number >= 0, e.g. 0.1", non_negative)
     beta1: float = key(0.9, "AdamW β1", "a number in [0, 1), e.g. 0.9", below_one)
     beta2: float = key(0.95, "AdamW β2", "a number in [0, 1), e.g. 0.95", below_one)
     grad_clip: float = key(1.0, "global gradient-norm clip; 0 disables", "a number >= 0 (0 disables), e.g. 1.0", non_negative)
-    # QAT (bits and group sizes are range-checked by QuantSpec)
-    bits: float = key(2, "QAT weight bits: 1, 1.58, 2, 3, 4, 5, 6, 8", BITS_TEXT)
-    group_size: Optional[int] = key(64, "32, 64, 128, or null for per-channel",
-                                     f"one of {', '.join(map(str, GROUP_SIZES))}, or null for per-channel scales")
+    # QAT (bits and group sizes are range-checked by QuantSpec). A pretrained start is QAT from
+    # token 0: the model is trained already.
+    bits: float = key(2, f"QAT weight bits: {listed(BITS)}", BITS_TEXT, section="QAT", branch=True)
+    group_size: Optional[int] = key(64, f"{listed(GROUP_SIZES)}, or null for per-channel",
+                                    f"one of {listed(GROUP_SIZES)}, or null for per-channel scales", branch=True)
     embedding_bits: Optional[float] = key(None, "embedding/tied-head bits; default max(bits, 4)", f"null or {BITS_TEXT}",
-                                          lambda v: v in BITS)
+                                          lambda v: v in BITS, branch=True)
     qat_fraction: Union[float, str] = key("auto", "f = D_qat / D_total in [0, 1], or auto (the paper's predictor)",
-                                          "a number in [0, 1] or auto", lambda v: v == "auto" or fraction(v), _fraction_or_auto)
-    keep_optimizer_state: bool = key(True, "keep the weights' Adam state across the FP->QAT switch", "true or false")
+                                          "a number in [0, 1] or auto", lambda v: v == "auto" or fraction(v), _fraction_or_auto,
+                                          branch=True, pretrained_default=1.0)
+    keep_optimizer_state: bool = key(True, "keep the weights' Adam state across the FP->QAT switch", "true or false",
+                                     branch=True)
     # the training loss (validation is always next-token cross-entropy)
     loss: str = key("ce", "ce (next-token cross-entropy) or distill (KL to the frozen starting model; needs pretrained)",
-                    f"one of {', '.join(LOSSES)}", lambda v: v in LOSSES)
+                    f"one of {', '.join(LOSSES)}", lambda v: v in LOSSES, section="loss")
     kl_weight: float = key(1.0, "distill: loss = kl_weight * KL + (1 - kl_weight) * CE",
                            "a number in [0, 1] (1: KL only), e.g. 1.0", fraction)
-    # memory
+    # memory. Gradient checkpointing trades memory for compute without changing a number, so a
+    # resumed run may turn it on or off.
     grad_checkpoint: bool = key(False, "recompute each transformer block in the backward pass (less activation memory)",
-                                "true or false")
+                                "true or false", section="memory", resume=True)
     freeze_embedding: bool = key(False, "keep the embedding and LM head weights fixed (still fake-quantized; their α learns)",
                                  "true or false")
-    # schedule
+    # schedule. A sweep's FP trunk runs at the peak rate after its warmup, so the FP cooldown and
+    # everything of the QAT phase belong to the runs that branch from it. On a pretrained start the
+    # warmups are 2%: only Adam's moments need them.
     schedule: str = key("separate", "separate or fused (cooldown & QAT fusion)", f"one of {', '.join(SCHEDULES)}",
-                        lambda v: v in SCHEDULES)
+                        lambda v: v in SCHEDULES, section="schedule", branch=True)
     warmup: float = key(0.05, "FP warmup, as a fraction of the FP phase (warmup_tokens wins when set)",
-                        "a fraction of the phase in [0, 1], e.g. 0.05", fraction)
+                        "a fraction of the phase in [0, 1], e.g. 0.05", fraction, pretrained_default=0.02)
     cooldown: float = key(0.2, "FP cooldown, as a fraction of the FP phase (cooldown_tokens wins when set)",
-                          "a fraction of the phase in [0, 1], e.g. 0.2", fraction)
+                          "a fraction of the phase in [0, 1], e.g. 0.2", fraction, branch=True)
     warmup_tokens: Optional[int] = key(None, "FP warmup in tokens; when set, wins over `warmup` (runs with "
                                        "different D_fp then share their FP rates)", "null or an integer >= 0, e.g. 1e5",
                                        non_negative)
     cooldown_tokens: Optional[int] = key(None, "FP cooldown in tokens; when set, wins over `cooldown`",
-                                         "null or an integer >= 0, e.g. 4e5", non_negative)
+                                         "null or an integer >= 0, e.g. 4e5", non_negative, branch=True)
     qat_warmup: float = key(0.05, "QAT warmup (separate, or QAT from token 0), as a fraction of the QAT phase",
-                            "a fraction of the phase in [0, 1], e.g. 0.05", fraction)
+                            "a fraction of the phase in [0, 1], e.g. 0.05", fraction, branch=True, pretrained_default=0.02)
     qat_cooldown: float = key(0.2, "QAT cooldown under separate, as a fraction of the QAT phase (fused decays over "
-                              "all of it)", "a fraction of the phase in [0, 1], e.g. 0.2", fraction)
+                              "all of it)", "a fraction of the phase in [0, 1], e.g. 0.2", fraction, branch=True)
     qat_warmup_tokens: Optional[int] = key(None, "QAT warmup in tokens; when set, wins over `qat_warmup`",
-                                           "null or an integer >= 0, e.g. 1e4", non_negative)
+                                           "null or an integer >= 0, e.g. 1e4", non_negative, branch=True)
     qat_cooldown_tokens: Optional[int] = key(None, "QAT cooldown in tokens; when set, wins over `qat_cooldown`",
-                                             "null or an integer >= 0, e.g. 1e5", non_negative)
+                                             "null or an integer >= 0, e.g. 1e5", non_negative, branch=True)
     # run
-    seed: int = key(0, "random seed of the model and the batches", "an integer >= 0, e.g. 0", non_negative)
-    report_every: int = key(10, "steps between progress records", "a positive integer, e.g. 10", positive)
-    eval_every: int = key(200, "steps between validations", "a positive integer, e.g. 200", positive)
+    seed: int = key(0, "random seed of the model and the batches", "an integer >= 0, e.g. 0", non_negative, section="run")
+    report_every: int = key(10, "steps between progress records", "a positive integer, e.g. 10", positive, resume=True)
+    eval_every: int = key(200, "steps between validations", "a positive integer, e.g. 200", positive, resume=True)
     eval_batches: int = key(16, "validation batches per evaluation", "a positive integer, e.g. 16", positive)
-    checkpoint_every: int = key(200, "steps between checkpoints", "a positive integer, e.g. 200", positive)
+    checkpoint_every: int = key(200, "steps between checkpoints", "a positive integer, e.g. 200", positive, resume=True)
     snapshot_at: List[int] = key(list, "token counts at which to keep a named snapshot besides the rolling checkpoint",
-                                 "a list of positive token counts, e.g. [5e5, 1e6]", lambda v: all(map(positive, v)), _token_counts)
+                                 "a list of positive token counts, e.g. [5e5, 1e6]", lambda v: all(map(positive, v)),
+                                 _token_counts, resume=True, branch=True)
     export_scales: str = key("float32", "dtype of exported scales: float32 (lossless), float16, bfloat16",
-                             f"one of {', '.join(SCALES_DTYPE_NAMES)}", lambda v: v in SCALES_DTYPE_NAMES)
+                             f"one of {', '.join(SCALES_DTYPE_NAMES)}", lambda v: v in SCALES_DTYPE_NAMES, branch=True)
+    report_to: Optional[str] = key(None, "also send the losses to wandb, swanlab, or both (a comma list), as mlx-lm does",
+                                   "null, wandb, swanlab or a comma list of them",
+                                   lambda v: set(map(str.strip, v.lower().split(","))) <= {"wandb", "swanlab", ""}, resume=True)
+    project_name: Optional[str] = key(None, "the report_to project to log the run under", "null or a project name", bool,
+                                      resume=True)
     # baselines at the end of a pretrained start (the starting model and its PTQ are always evaluated)
     compare: List[str] = key(list, "more baselines for a pretrained start: [dwq] (mlx-lm's DWQ on the run's tokens)",
-                             f"a list of {', '.join(COMPARISONS)}, e.g. [dwq]", lambda v: set(v) <= set(COMPARISONS))
+                             f"a list of {', '.join(COMPARISONS)}, e.g. [dwq]", lambda v: set(v) <= set(COMPARISONS),
+                             section="baselines")
     dwq_learning_rate: float = key(1e-6, "learning rate of the DWQ baseline (mlx_lm.dwq's default)",
                                    "a positive number, e.g. 1e-6", positive)
 
@@ -254,6 +295,16 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _keys_that(role: str) -> frozenset:
+    return frozenset(name for name, f in FIELDS.items() if f.metadata[role])
+
+
+RESUME_MAY_CHANGE = _keys_that("resume")
+BRANCH_KEYS = _keys_that("branch")
+PRETRAINED_DEFAULTS = {name: f.metadata["pretrained_default"] for name, f in FIELDS.items()
+                       if f.metadata["pretrained_default"] is not dataclasses.MISSING}
 
 
 def _checked(f: dataclasses.Field, value):
@@ -330,9 +381,11 @@ def parse_overrides(args: Sequence[str]) -> dict:
 
 
 def describe_keys() -> str:
-    """Help text listing every key with its default."""
+    """--help's list of the keys under their sections, each with its help and default."""
     lines = []
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata["section"]:
+            lines += ["", f"{f.metadata['section']}:"]
         lines.append(f"  --{f.name.replace('_', '-'):<22} {f.metadata['help']} (default: {default(f.name)!r})")
     start = ", ".join(f"{k}: {v:g}" for k, v in PRETRAINED_DEFAULTS.items())
     lines.append(f"\na pretrained start (--init-from MODEL) changes the defaults of the keys you leave unset to {start}")

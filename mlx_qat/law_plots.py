@@ -8,12 +8,12 @@ import numpy as np
 
 from . import scaling_law
 from . import plan
-from .fit import FitResult, bits_order, bits_label
-from .results import Runs
+from .results import Runs, bits_label, bits_order
 
 
-def plot(result: FitResult, runs: Runs, out: Path) -> List[Path]:
-    """Loss vs fraction per group, optimal fraction vs S_total, predicted vs observed, waste vs S."""
+def plot(result, runs: Runs, out: Path) -> List[Path]:
+    """Loss vs fraction per group, optimal fraction vs S_total, predicted vs observed, waste vs S,
+    of `result` (a fit.FitResult, not imported here: fit imports this module to plot)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,21 +1,37 @@
-"""Everything a run does besides training, in one place: metrics, progress, the cadence of
-validation, checkpoints and snapshots, and the NaN guard. The training loop calls `after_step`
-and knows nothing else. In a multi-process run every rank validates (a collective) and checks
-the loss (already reduced), and only the writer (rank 0) records, shows or saves anything."""
+"""Watching a run: its metrics records, the progress bar or lines, the validations they carry,
+and mlx-lm's reporting callbacks (`report_to`: wandb, swanlab), which get the same figures.
+Saving the run and the NaN guard are mlx_qat.checkpointer's. In a multi-process run every rank
+validates (a collective), and only the writer (rank 0) records, shows or reports anything."""
 
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, List, Optional
 
+import mlx.core as mx
+from mlx_lm.tuner import callbacks
 from tqdm import tqdm
 
-from . import checkpoint, report
+from . import report
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on, with what to do about it."""
+class Clock:
+    """The run's training time: its earlier processes' (to the checkpoint this one resumed
+    from) and this process's, from its first step until `stop`."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.started, self.stopped = before, time.perf_counter(), None
+
+    def segment(self) -> float:
+        """Seconds this process has trained."""
+        return (self.stopped or time.perf_counter()) - self.started
+
+    def total(self) -> float:
+        """Seconds of training in the run so far, its earlier processes' included."""
+        return self.before + self.segment()
+
+    def stop(self) -> None:
+        self.stopped = time.perf_counter()
 
 
 class Progress:
@@ -46,77 +62,100 @@ class Progress:
             self.bar.close()
 
 
+def reporting_names(report_to: Optional[str]) -> List[str]:
+    """The services of `report_to`, read as mlx-lm reads it."""
+    return [name.strip().lower() for name in (report_to or "").split(",") if name.strip()]
+
+
+def missing_reporting(report_to: Optional[str]) -> List[str]:
+    """The services of `report_to` whose package is not installed."""
+    return [name for name in reporting_names(report_to) if getattr(callbacks, name, None) is None]
+
+
+def reporting_callback(cfg, out: Path) -> Optional[callbacks.TrainingCallback]:
+    """mlx-lm's callbacks for the config's `report_to` under `project_name`, their files under
+    `out`; None when it names none."""
+    return callbacks.get_reporting_callbacks(cfg.report_to, cfg.project_name, log_dir=str(out), config=cfg.to_dict())
+
+
+def finish_reporting(report_to: Optional[str]) -> None:
+    """End the services' runs: mlx-lm's callbacks leave theirs open, and a sweep trains many
+    runs in one process, each of which would otherwise log into the first one's."""
+    for name in reporting_names(report_to):
+        service = getattr(callbacks, name, None)  # the module mlx-lm logs through (wandb, swanlab)
+        if service is not None:
+            service.finish()
+
+
 class Monitor:
+    """What the loop reports through: `due`, `report`, `end_of_phase`, `step_done`."""
+
     def __init__(self, out: Path, cfg, plan, validate: Callable[[object], float], start_step: int, show_progress: bool,
-                 writer: bool = True, seconds_before: float = 0.0):
-        """`seconds_before`: the run's training time before this process, up to the checkpoint it
-        resumed from; each checkpoint records the total, so that the summary reports the run's."""
-        self.out, self.cfg, self.plan, self.validate, self.writer = Path(out), cfg, plan, validate, writer
-        self.metrics = report.Metrics(self.out / "metrics.jsonl")
+                 writer: bool = True, callback: Optional[callbacks.TrainingCallback] = None):
+        """`validate(model)` is the validation loss (a collective: every rank calls it);
+        `callback`: the writer's reporting callbacks (see `reporting_callback`), None elsewhere."""
+        self.cfg, self.plan, self.validate, self.writer = cfg, plan, validate, writer
+        self.metrics = report.Metrics(Path(out) / report.METRICS)
         self.progress = Progress(plan.total_steps, start_step, show_progress and writer)
-        self.last_good = start_step
-        self.seconds_before, self.started = seconds_before, time.perf_counter()
-        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.callback = callback
+        # the rate reported is over the steps since the last report
+        self.window_start, self.window_step = time.perf_counter(), start_step
 
-    def segment_seconds(self) -> float:
-        """Seconds since this process began training."""
-        return time.perf_counter() - self.started
+    def due(self, step: int) -> bool:
+        """Whether step `step` is reported: every report_every steps, and the last."""
+        return step % self.cfg.report_every == 0 or step == self.plan.total_steps
 
-    def train_seconds(self) -> float:
-        """Seconds of training in the run so far, its earlier processes' included."""
-        return self.seconds_before + self.segment_seconds()
+    def report(self, state, loss: float, lr: float) -> None:
+        """The record of the step just done, with a validation every eval_every steps (but at
+        the last step, which the run's end validates)."""
+        done, tokens_per_step = state.step, self.plan.tokens_per_step
+        elapsed = time.perf_counter() - self.window_start
+        record = dict(step=done, tokens=done * tokens_per_step, phase=state.phase, loss=loss, lr=lr,
+                      tokens_per_s=(done - self.window_step) * tokens_per_step / elapsed)
+        self.report_train(record)
+        if done % self.cfg.eval_every == 0 and done != self.plan.total_steps:
+            record["val_loss"] = self.val_loss(state)
+        self.log(**record)
+        self.progress.report(record)
+        self.window_start, self.window_step = time.perf_counter(), done
 
-    def after_step(self, state, loss, lr: float) -> None:
-        """Called after every step with the step's (possibly unevaluated) loss."""
-        cfg, plan, done = self.cfg, self.plan, state.step
-        tokens = done * plan.tokens_per_step
-        self.window_tokens += plan.tokens_per_step
-        report_now = done % cfg.report_every == 0 or done == plan.total_steps
-        snapshot_now = tokens in cfg.snapshot_at
-        # the last step too: a finished run's checkpoint is the model it exported, and a run killed
-        # while it finishes resumes there
-        checkpoint_now = done % cfg.checkpoint_every == 0 or done == plan.total_steps
-        if report_now or snapshot_now or checkpoint_now:  # never keep a diverged model
-            loss = self.finite(loss.item(), done)
-        if report_now:
-            elapsed = time.perf_counter() - self.window_start
-            record = dict(step=done, tokens=tokens, phase=state.phase, loss=loss, lr=lr,
-                          tokens_per_s=self.window_tokens / elapsed)
-            if done % cfg.eval_every == 0 and done != plan.total_steps:
-                record["val_loss"] = self.validate(state.model)
-            self.log(**record)
-            self.progress.report(record)
-            self.window_start, self.window_tokens = time.perf_counter(), 0
-        if snapshot_now:
-            self.save(state, checkpoint.snapshot_path(self.out, tokens))
-        if checkpoint_now:
-            self.save(state, self.out / checkpoint.NAME, keep_previous=True)
-            self.last_good = done
+    def end_of_phase(self, state) -> float:
+        """Validate the model at the end of its phase, record it, and return the loss."""
+        val_loss = self.val_loss(state)
+        self.log(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
+                 val_loss=val_loss, event=f"end_{state.phase}")
+        return val_loss
+
+    def step_done(self) -> None:
         self.progress.step()
 
     def log(self, **record) -> None:
         if self.writer:
             self.metrics.log(**record)
 
-    def end_of_phase(self, state, val_loss: float) -> None:
-        self.log(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
-                         val_loss=val_loss, event=f"end_{state.phase}")
+    def records(self) -> List[dict]:
+        return self.metrics.read()
 
-    def save(self, state, path: Path, keep_previous: bool = False) -> None:
-        if not self.writer:
-            return
-        meta = dict(step=state.step, tokens=state.step * self.plan.tokens_per_step, phase=state.phase,
-                    config=self.cfg.to_dict(), train_seconds=self.train_seconds())
-        checkpoint.save(path, state.model, state.optimizer, meta, self.metrics.path, keep_previous)
+    def val_loss(self, state) -> float:
+        """The model's validation loss now, sent to the reporting callbacks too."""
+        started = time.perf_counter()
+        val_loss = self.validate(state.model)
+        if self.callback is not None:
+            self.callback.on_val_loss_report(dict(iteration=state.step, val_loss=val_loss,
+                                                  val_time=time.perf_counter() - started))
+        return val_loss
 
-    def finite(self, loss: float, step: int) -> float:
-        if not math.isfinite(loss):
-            self.close()
-            raise TrainingError(
-                f"the loss became {loss} at step {step}; the last good checkpoint (step {self.last_good}) is kept in "
-                f"{self.out}. Lower learning_rate or grad_clip, then --resume or start afresh"
-            )
-        return loss
+    def report_train(self, record: dict) -> None:
+        if self.callback is not None:  # the keys mlx-lm's own trainer reports, so that runs of both chart together
+            self.callback.on_train_loss_report(dict(
+                iteration=record["step"], train_loss=record["loss"], learning_rate=record["lr"],
+                tokens_per_second=record["tokens_per_s"], trained_tokens=record["tokens"],
+                peak_memory=mx.get_peak_memory() / 1e9))
+
+    def close_progress(self) -> None:
+        self.progress.close()
 
     def close(self) -> None:
         self.progress.close()
+        if self.callback is not None:
+            finish_reporting(self.cfg.report_to)

@@ -20,9 +20,9 @@ import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
 from . import scaling_law
+from .constants import BITS
 from .scaling_law import Law, load_law
 
-BIT_WIDTHS = (1, 1.58, 2, 3, 4, 5, 6, 8)
 FP_BITS = 16  # the full-precision reference stores bf16/fp16 weights
 F_MIN, F_MAX = 1e-4, 1 - 1e-4
 
@@ -53,7 +53,10 @@ def wasted_tokens(law: Law, n_params: float, tokens: float, bits: float, fractio
     """Extra tokens (as a fraction of D) that QAT fraction `fraction` needs to reach the loss the
     optimal fraction reaches with D tokens; inf if no budget up to 1000·D does."""
     _, best = optimal_fraction(law, n_params, tokens, bits)
-    gap = lambda log_d: float(loss_at_fraction(law, n_params, math.exp(log_d), bits, fraction)) - best  # noqa: E731
+
+    def gap(log_d):
+        return float(loss_at_fraction(law, n_params, math.exp(log_d), bits, fraction)) - best
+
     if gap(math.log(tokens)) <= 0:
         return 0.0
     hi = math.log(tokens * 1000)
@@ -77,7 +80,7 @@ class BitChoice:
 
 
 def best_bits(law: Law, memory_bytes: float, tokens: float, compute: Optional[float] = None,
-              widths: Sequence[float] = BIT_WIDTHS) -> List[BitChoice]:
+              widths: Sequence[float] = BITS) -> List[BitChoice]:
     """Each bit width under a memory budget, best first: N_B = 8M/B trained on `tokens` tokens,
     or, with `compute` (FLOPs, 6·N·D), on D_B = compute / (6·N_B) tokens."""
     choices = []
@@ -106,8 +109,11 @@ def tokens_matching_fp(law: Law, memory_bytes: float, bits: float, lo: float = 1
     i = below[0]
     if i == 0:
         return float(lo)
-    f = lambda log_d: gap_to_fp(law, memory_bytes, math.exp(log_d), bits)  # noqa: E731
-    return float(math.exp(brentq(f, math.log(grid[i - 1]), math.log(grid[i]), xtol=1e-6)))
+
+    def gap(log_d):
+        return gap_to_fp(law, memory_bytes, math.exp(log_d), bits)
+
+    return float(math.exp(brentq(gap, math.log(grid[i - 1]), math.log(grid[i]), xtol=1e-6)))
 
 
 # ---------------------------------------------------------------- the command
@@ -135,8 +141,8 @@ def number(text: str) -> float:
 
 def bits_arg(text: str) -> float:
     value = float(text)
-    if value not in BIT_WIDTHS:
-        raise argparse.ArgumentTypeError(f"bits={text}; use one of {', '.join(map(str, BIT_WIDTHS))}")
+    if value not in BITS:
+        raise argparse.ArgumentTypeError(f"bits={text}; use one of {', '.join(map(str, BITS))}")
     return value
 
 
@@ -201,7 +207,7 @@ def answer(n_params: float, tokens: float, bits: float, law: Optional[Law], frac
         "best_bits_fixed_compute": [c.__dict__ for c in best_bits(law, memory, tokens, compute=compute)],
         "vs_fp": [
             {"bits": b, "gap": gap_to_fp(law, memory, tokens, b), "tokens_matching_fp": tokens_matching_fp(law, memory, b)}
-            for b in BIT_WIDTHS
+            for b in BITS
         ],
     }
     return out

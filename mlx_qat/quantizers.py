@@ -29,7 +29,8 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-GROUP_SIZES = (32, 64, 128)
+from .constants import BITS, GROUP_SIZES
+
 CLIP = 0.99  # the clip edge of ternary and SEQ 2-bit
 MIN_SCALE = 1e-5
 
@@ -156,8 +157,7 @@ BINARY = _Binary("binary", (1,), kernel_id=0)
 TERNARY = _Clipped("ternary", (1.58,), kernel_id=1, steps=1.5, offset=0.0, zero=1.0, edge=1.0)
 SEQ = _Clipped("seq", (2,), kernel_id=2, steps=2.0, offset=0.5, zero=2.0, edge=0.75)
 LSQ = _Lsq("lsq", (3, 4, 5, 6, 8), kernel_id=3)
-QUANTIZERS = (BINARY, TERNARY, SEQ, LSQ)
-BITS = tuple(b for q in QUANTIZERS for b in q.bits)
+QUANTIZERS = (BINARY, TERNARY, SEQ, LSQ)  # one for each of BITS, in order
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ from typing import List, Optional, Tuple
 
 from . import atomic
 
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"  # the run's config as resolved: what --resume without --config reads
+SUMMARY = "summary.json"  # written last: its presence marks a run finished
+
 
 class Metrics:
     """metrics.jsonl: one JSON record per report, appended and flushed as the run goes."""
@@ -60,7 +64,13 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
 
 
 def write_summary(out: Path, summary: dict) -> None:
-    atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic.write_text(out / SUMMARY, json.dumps(summary, indent=2))
+
+
+def read_summary(out: Path) -> Optional[dict]:
+    """The summary of the finished run in `out`, or None if it has not finished."""
+    path = Path(out) / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 # The baselines of a pretrained start (mlx_qat.baselines), shown where the summary has them.

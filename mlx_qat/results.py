@@ -56,6 +56,16 @@ class Runs:
         return Runs(*(getattr(self, f.name)[keep] for f in fields(self)))
 
 
+def bits_label(b: float) -> str:
+    """How a run's bits are shown and grouped: "fp" for an FP-only run (B is NaN)."""
+    return "fp" if not np.isfinite(b) else f"{b:g}"
+
+
+def bits_order(label: str) -> float:
+    """The sort key of a bits label: by width, FP last."""
+    return math.inf if label == "fp" else float(label)
+
+
 SHARD_RESULTS = re.compile(r"results-\d+-of-\d+\.jsonl")  # what each shard of a sweep writes
 
 

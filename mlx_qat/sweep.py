@@ -46,19 +46,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from . import blas  # noqa: F401  (the fast BLAS, before mlx.core)
+import mlx.core as mx
+import yaml
 
-import mlx.core as mx  # noqa: E402
-import yaml  # noqa: E402
-
-from . import atomic, checkpoint, config, data, distributed, model as models, results, train  # noqa: E402
-from .schedule import RunPlan, make_schedule, plan_run  # noqa: E402
+from . import atomic, checkpoint, config, data, distributed, model as models, report, results, train
+from .checkpointer import DivergenceError
+from .schedule import RunPlan, make_schedule, plan_run
+from .start import StartError
+from .step import apply_memory_options, make_loss, make_optimizer, make_train_step
 
 SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
-# Keys that change a run only after it leaves the FP trunk; every other key shapes the trunk.
-BRANCH_KEYS = {"total_tokens", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
-               "cooldown_tokens", "qat_warmup", "qat_cooldown", "qat_warmup_tokens", "qat_cooldown_tokens",
-               "keep_optimizer_state", "export_scales", "snapshot_at"}
 SET_BY_SWEEP = {"snapshot_at"}
 
 
@@ -150,7 +147,7 @@ def expand(base: dict, grids: List[dict], fp_baselines: bool) -> List[Run]:
         warmup = lambda cfg: cfg.warmup_tokens if cfg.warmup_tokens is not None else round(cfg.warmup * shortest)  # noqa: E731
         runs = _runs([(r.name, {**r.cfg.to_dict(), "warmup_tokens": warmup(r.cfg)}) for r in runs])
     if fp_baselines:
-        keys = list(dict.fromkeys(k for grid in grids for k in grid if k not in BRANCH_KEYS))
+        keys = list(dict.fromkeys(k for grid in grids for k in grid if k not in config.BRANCH_KEYS))
         seen = {}
         for r in runs:
             key = (trunk_key(r.cfg), r.cfg.total_tokens)
@@ -189,7 +186,7 @@ def _config(values: dict, name: str) -> config.TrainConfig:
 
 def trunk_key(cfg: config.TrainConfig) -> str:
     """What names a trunk: every key that shapes the FP trajectory (not those a resumed run may change)."""
-    shared = {k: v for k, v in cfg.to_dict().items() if k not in BRANCH_KEYS | train.RESUME_MAY_CHANGE}
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in config.BRANCH_KEYS | config.RESUME_MAY_CHANGE}
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -286,19 +283,22 @@ class Sweep:
 
 def count_params(cfg: config.TrainConfig) -> int:
     """N of the run's model; the vocabulary comes from its (prepared, cached) data."""
-    dataset = train.load_data(cfg)
+    dataset = data.load(cfg)
     return models.num_params(models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed))
 
 
 def measure_rate(cfg: config.TrainConfig, steps: int = 3) -> float:
-    """Training tokens per second of a config, from a few compiled steps after a warm-up one."""
-    dataset = train.load_data(cfg)
-    state = train.setup(cfg, dataset)
+    """Training tokens per second of a config, from a few compiled steps (a run's own step, on a
+    freshly built model) after a warm-up one."""
+    dataset = data.load(cfg)
+    model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
+    apply_memory_options(model, cfg)
+    train_step = make_train_step(model, make_optimizer(cfg), cfg.grad_clip, loss=make_loss(cfg))
     batch = lambda k: mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, k))  # noqa: E731
-    mx.eval(state.step_fn(batch(0)))
+    mx.eval(train_step(batch(0)))
     start = time.perf_counter()
     for k in range(1, steps + 1):
-        mx.eval(state.step_fn(batch(k)))
+        mx.eval(train_step(batch(k)))
     return steps * cfg.tokens_per_step / (time.perf_counter() - start)
 
 
@@ -382,7 +382,7 @@ def tokens_left(sweep: Sweep, done: Dict[str, dict]) -> Dict[str, int]:
         todo = [r for r in t.runs if r.name not in done]
         if todo:
             key = trunk_key(t.cfg)
-            trunk_done = (sweep.trunk_dir(t) / train.SUMMARY).exists()
+            trunk_done = (sweep.trunk_dir(t) / report.SUMMARY).exists()
             left[key] = left.get(key, 0) + tokens_of(t, todo) - (t.cfg.total_tokens if trunk_done else 0)
     for r in sweep.alone:
         if r.name not in done:
@@ -443,7 +443,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.dry_run:
             return
         figures = run_sweep(sweep)
-    except (SweepError, ValueError, FileNotFoundError, train.TrainingError, checkpoint.CheckpointError) as e:
+    except (SweepError, ValueError, FileNotFoundError, StartError, DivergenceError, checkpoint.CheckpointError) as e:
         parser.exit(2, f"error: {e}\n")
     if group.size() > 1:
         distributed.all_sum(1, group).item()  # every rank is done before rank 0 merges

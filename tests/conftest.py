@@ -1,5 +1,6 @@
 import mlx_qat  # noqa: F401  (first, so that MLX binds the optimized BLAS)
 
+import json
 import random
 import string
 from pathlib import Path
@@ -23,6 +24,25 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     model = tokenizer.train(random_text(4000), 512, out)
     tokenizer.save_hf(model, out)
     return out
+
+
+def read_jsonl(path: Path) -> list:
+    """The records of a JSON-lines file (a run's metrics.jsonl, a sweep's results.jsonl)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def tiny_llama(vocab_size: int = 256, tie: bool = True, seed: int = 0):
+    """A two-block llama (hidden size 128, 4 query and 2 key/value heads) with seeded weights."""
+    import mlx.core as mx
+    from mlx_lm.models import llama  # here: mlx_lm is slow to import, and most tests build no model
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                           vocab_size=vocab_size, tie_word_embeddings=tie)
+    mx.random.seed(seed)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
 
 
 MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}

@@ -1,22 +1,43 @@
 """The optimized BLAS (MKL or OpenBLAS in place of the reference BLAS of MLX's Linux wheel) is found and used."""
 
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mlx_qat import blas
 
 
+def python(code: str, **env) -> str:
+    """What `code` prints in a fresh interpreter, with `env` added to the environment."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env}).stdout
+
+
+MATMUL = ("import mlx_qat; from mlx_qat import blas; from mlx_qat.info import matmul_gflops; "
+          "print(blas.loaded, matmul_gflops(512, repeats=5))")
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
-def test_info_reports_an_optimized_blas():
-    out = subprocess.run([sys.executable, "-m", "mlx_qat.info", "--size", "512"], capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("blas"))
-    assert "reference" not in line, out
-    assert "mkl" in line or "openblas" in line, out
-    gflops = float(next(l for l in out.splitlines() if l.startswith("matmul")).split()[1])
-    assert gflops > 20, out  # the reference BLAS manages ~4
+def test_mlx_matmuls_on_the_optimized_blas():
+    """The library loaded is MKL or OpenBLAS, and MLX's matmul is several times faster on it than
+    on the reference BLAS of MLX's wheel, measured here too."""
+    loaded, fast = python(MATMUL, **{blas.ENV_VAR: ""}).split()
+    none, slow = python(MATMUL, **{blas.ENV_VAR: "none"}).split()
+    assert "mkl" in loaded or "openblas" in loaded
+    assert none == "None"
+    assert float(fast) > 3 * float(slow), (fast, slow)  # a margin that holds on a shared, busy machine
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
+def test_info_names_the_blas_mlx_uses():
+    described = python("import mlx_qat, mlx.core; from mlx_qat import blas; print(blas.describe())").strip()
+    out = subprocess.run([sys.executable, "-m", "mlx_qat.info", "--size", "64"], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"blas       {described}" in out.splitlines() and Path(described).is_file()  # a library, not the reference
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS swap is for MLX's Linux CPU wheel")
@@ -52,14 +73,11 @@ MAPPED_BLAS = ("import sys; from pathlib import Path; from mlx_qat import blas; 
 def test_the_blas_loads_when_mlx_is_imported_not_before():
     alone = subprocess.run([sys.executable, "-c", f"import mlx_qat; {MAPPED_BLAS}"], capture_output=True, text=True, check=True)
     assert alone.stdout.split() == ["None", "False", "False"], alone.stdout + alone.stderr
-    matmul = ("import time; a = mx.random.normal((512, 512)); mx.eval(a @ a); t = time.perf_counter(); "
-              "[mx.eval(a @ a) for _ in range(10)]; print(20 * 512**3 / (time.perf_counter() - t) / 1e9)")
-    code = f"import mlx_qat; import mlx.core as mx; {MAPPED_BLAS}; {matmul}"
+    code = f"import mlx_qat; import mlx.core as mx; {MAPPED_BLAS}"
     with_mlx = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded, mlx_in, mapped, gflops = with_mlx.stdout.split()
+    loaded, mlx_in, mapped = with_mlx.stdout.split()
     assert loaded != "None" and ("mkl" in loaded or "openblas" in loaded), with_mlx.stdout + with_mlx.stderr
     assert (mlx_in, mapped) == ("True", "True")
-    assert float(gflops) > 20, with_mlx.stdout  # MLX's matmul runs on it: the reference BLAS manages ~4
 
 
 def test_qat_names_are_imported_on_first_use():

@@ -4,13 +4,14 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from mlx_qat import config
+from mlx_qat import config, constants
 from mlx_qat.scaling_law import predicted_qat_fraction, tokens_per_param_byte
-from mlx_qat.train import plan_run
+from mlx_qat.schedule import plan_run
 
 
 def test_flags_override_yaml(tmp_path):
@@ -79,6 +80,7 @@ BAD = [
     ("snapshot_at", [0], None), ("snapshot_at", ["abc"], None), ("snapshot_at", [1.5], None), ("snapshot_at", {"a": 1}, None),
     ("snapshot_at", [1000, 3e6], "snapshot_at=[1000, 3000000]"),
     ("export_scales", "int8", None), ("export_scales", 16, None),
+    ("report_to", "tensorboard", None), ("report_to", 5, None), ("project_name", "", None), ("project_name", 5, None),
     ("pretrained", "", None), ("pretrained", 5, None),
     ("loss", "mse", None), ("loss", "distill", "loss: distill needs a pretrained start"),
     ("kl_weight", 1.5, None), ("kl_weight", "abc", None), ("kl_weight", True, None),
@@ -160,10 +162,10 @@ def test_warmup_and_cooldown_in_tokens():
     cfg = config.load(None, config.parse_overrides(["--warmup-tokens", "1e5", "--cooldown-tokens", "0"]))
     assert (cfg.warmup_tokens, cfg.cooldown_tokens) == (100_000, 0)
     assert config.TrainConfig().warmup_tokens is None and config.TrainConfig().cooldown_tokens is None
-    help_text = config.describe_keys()
-    for key, fraction in (("warmup", "warmup"), ("cooldown", "cooldown")):
-        line = next(l for l in help_text.splitlines() if l.split()[0] == f"--{key}-tokens")
-        assert f"wins over `{fraction}`" in line
+    help_lines = config.describe_keys().splitlines()
+    for key in ("warmup", "cooldown"):
+        line = next(l for l in help_lines if l.startswith(f"  --{key}-tokens "))
+        assert f"wins over `{key}`" in line and line.endswith("(default: None)")
 
 
 def test_snapshots_are_sorted_positive_token_counts():
@@ -219,9 +221,23 @@ def test_bad_files(tmp_path):
         config.parse_overrides(["--bits"])
 
 
-def test_shipped_configs_load():
-    for name in ("tiny", "small"):
-        config.load(f"configs/{name}.yaml")
+CONFIGS = Path(__file__).parents[1] / "configs"
+TRAIN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if "grid" not in yaml.safe_load(p.read_text()))
+
+
+def test_the_shipped_train_configs_are_found():
+    assert {"small", "tiny"} <= {p.stem for p in TRAIN_CONFIGS}
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_as_written(path):
+    """Every key a shipped config sets keeps its value, the others their defaults, and its plan
+    has both phases."""
+    written = yaml.safe_load(path.read_text())
+    cfg = config.load(path)
+    assert cfg.to_dict() == {**{k: config.default(k) for k in config.FIELDS}, **written}
+    plan = plan_run(cfg, n_params=1_000_000)
+    assert plan.fp_steps > 0 and plan.qat_steps > 0 and plan.total_steps == cfg.total_tokens // cfg.tokens_per_step
 
 
 @pytest.mark.parametrize("n_params, total_tokens, bits", [(1_000_000, 10_000_000, 2), (5_000_000, 1_000_000_000, 4), (2e8, 4e9, 1.58)])
@@ -254,4 +270,44 @@ def test_fixed_fractions_split_the_steps():
 def test_scales_dtype_names_match_the_export():
     from mlx_qat import export
 
-    assert config.SCALES_DTYPE_NAMES == tuple(export.SCALES_DTYPES)
+    assert constants.SCALES_DTYPE_NAMES == tuple(export.SCALES_DTYPES)
+
+
+# The roles of the keys, as the three lists that train.py, sweep.py and config.py kept said them
+# (and report_to, project_name: where losses are also sent, which a resumed run may change).
+RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at", "grad_checkpoint",
+                     "report_to", "project_name"}
+BRANCH_KEYS = {"total_tokens", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
+               "cooldown_tokens", "qat_warmup", "qat_cooldown", "qat_warmup_tokens", "qat_cooldown_tokens",
+               "keep_optimizer_state", "export_scales", "snapshot_at"}
+PRETRAINED_DEFAULTS = {"qat_fraction": 1.0, "warmup": 0.02, "qat_warmup": 0.02, "learning_rate": 1e-4}
+
+
+def test_the_key_roles_come_from_the_declarations():
+    assert config.RESUME_MAY_CHANGE == RESUME_MAY_CHANGE
+    assert config.BRANCH_KEYS == BRANCH_KEYS
+    assert config.PRETRAINED_DEFAULTS == PRETRAINED_DEFAULTS
+
+
+SECTIONS = ["data", "model", "tokens and batches", "optimizer", "QAT", "loss", "memory", "schedule", "run", "baselines"]
+
+
+def test_help_lists_every_key_once_under_its_section():
+    lines = config.describe_keys().split("\n")
+    headings = [line[:-1] for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings == SECTIONS
+    keys = [line.split()[0] for line in lines if line.startswith("  --")]
+    assert keys == ["--" + name.replace("_", "-") for name in config.FIELDS]
+    for name, f in config.FIELDS.items():
+        line = f"  --{name.replace('_', '-'):<22} {f.metadata['help']} (default: {config.default(name)!r})"
+        assert lines.count(line) == 1, line
+    section_of, section = {}, None
+    for line in lines:
+        if line[:-1] in SECTIONS:
+            section = line[:-1]
+        elif line.startswith("  --"):
+            section_of[line.split()[0]] = section
+    assert section_of["--data"] == "data" and section_of["--pretrained"] == "model"
+    assert section_of["--qat-cooldown-tokens"] == "schedule" and section_of["--dwq-learning-rate"] == "baselines"
+    assert lines[-1] == ("a pretrained start (--init-from MODEL) changes the defaults of the keys you leave unset to "
+                         "learning_rate: 0.0001, qat_fraction: 1, warmup: 0.02, qat_warmup: 0.02")

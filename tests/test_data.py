@@ -1,13 +1,15 @@
 """Data preparation: inputs, errors, reuse, and tokenizer files that encode like sentencepiece."""
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 from conftest import random_text
-from mlx_qat import data
+from mlx_qat import config, constants, data, inputs
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +43,58 @@ def test_prepare_writes_tokens_tokenizer_and_manifest(prepared, corpus):
     assert (ds.train == sp.bos_id()).sum() == manifest["documents"]["train"]  # one BOS per document
 
 
-def test_prepare_reuses_and_redoes(prepared, corpus):
-    before = (prepared / "train.bin").stat().st_mtime_ns
-    data.prepare([str(corpus)], 400, prepared)
-    assert (prepared / "train.bin").stat().st_mtime_ns == before
-    data.prepare([str(corpus)], 420, prepared)  # a different request prepares again
-    assert json.loads((prepared / "manifest.json").read_text())["vocab_size"] == 420
-    data.prepare([str(corpus)], 400, prepared)
+def count_builds(monkeypatch) -> list:
+    """The directories data.build_dataset, the preparation itself, is called to fill from now on."""
+    build, outs = data.build_dataset, []
+
+    def counted(tok, inputs, out, *rest):
+        outs.append(out)
+        return build(tok, inputs, out, *rest)
+
+    monkeypatch.setattr(data, "build_dataset", counted)
+    return outs
+
+
+def test_prepare_reuses_and_redoes(prepared, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)  # the module's fixture stays as it was made
+    manifest = json.loads((out / "manifest.json").read_text())
+    builds = count_builds(monkeypatch)
+    assert data.prepare([str(corpus)], 400, out) == manifest and builds == []  # the same request: reused
+    assert data.prepare([str(corpus)], 420, out)["vocab_size"] == 420 and builds == [out]  # another: prepared again
+    assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 420
+
+
+def test_load_prepares_into_the_cache_once(tmp_path, monkeypatch):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(random_text(300, seed=8)))
+    cfg = config.TrainConfig(data=str(text), vocab_size=300, data_cache=str(tmp_path / "cache"))
+    builds = count_builds(monkeypatch)
+    first, again = data.load(cfg), data.load(cfg)
+    # named as earlier versions named it, so that their caches stay valid
+    name = hashlib.sha256(json.dumps([inputs.fingerprint([str(text)]), 300]).encode()).hexdigest()[:16]
+    assert builds == [tmp_path / "cache" / name] and first.path == again.path == builds[0]
+    np.testing.assert_array_equal(first.train, again.train)
+    assert data.load(config.TrainConfig(data=str(first.path))).path == first.path  # a prepared directory: as it is
+    assert len(builds) == 1
+
+
+def test_the_cli_trains_the_configs_default_vocabulary(corpus, tmp_path, monkeypatch, capsys):
+    asked = []
+
+    def prepare(inputs, vocab_size, out, val_fraction, seed):
+        asked.append(vocab_size)
+        return {"tokens": {"train": 1000, "val": 50}, "vocab_size": vocab_size}
+
+    monkeypatch.setattr(data, "prepare", prepare)
+    data.main(["prepare", "--input", str(corpus / "a.txt"), "--out", str(tmp_path / "o")])
+    assert asked == [config.default("vocab_size")] == [constants.DEFAULT_VOCAB_SIZE]
+    assert capsys.readouterr().out == f"{tmp_path / 'o'}: 1,000 train and 50 validation tokens, vocabulary {asked[0]}\n"
 
 
 def test_inputs_by_glob_and_json(corpus, tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in random_text(300, seed=3)]))
-    docs = data.read_documents([str(corpus / "*.txt"), str(tmp_path / "d.json")])
+    docs = inputs.read_documents([str(corpus / "*.txt"), str(tmp_path / "d.json")])
     assert len(docs) == 1500 + 300
 
 
@@ -65,7 +107,7 @@ def test_bad_text_inputs(tmp_path, make, message):
     path = tmp_path / "x.txt"
     make(path)
     with pytest.raises(data.DataError, match=message):
-        data.read_documents([str(path)])
+        inputs.read_documents([str(path)])
 
 
 def test_a_bad_jsonl_line_is_named_with_its_file_line_and_problem(tmp_path):
@@ -77,7 +119,7 @@ def test_a_bad_jsonl_line_is_named_with_its_file_line_and_problem(tmp_path):
     except json.JSONDecodeError as e:
         problem = e.msg
     with pytest.raises(data.DataError) as e:
-        data.read_documents([str(path)])
+        inputs.read_documents([str(path)])
     message = str(e.value)
     assert f"{path}, line 3" in message and problem in message
     assert "line 1 " not in message  # not the position within the line, taken for the file's
@@ -87,23 +129,23 @@ def test_a_jsonl_record_may_hold_a_line_separator(tmp_path):
     """JSON lets U+2028 stand unescaped in a string; it does not end a .jsonl line."""
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert data.read_documents([str(path)]) == ["one\u2028two"]
+    assert inputs.read_documents([str(path)]) == ["one\u2028two"]
 
 
 def test_bad_json_inputs(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(data.DataError, match="string field `text`"):
-        data.read_documents([str(tmp_path / "a.jsonl")])
+        inputs.read_documents([str(tmp_path / "a.jsonl")])
     (tmp_path / "b.jsonl").write_text("{not json\n")
     with pytest.raises(data.DataError, match="not valid JSON"):
-        data.read_documents([str(tmp_path / "b.jsonl")])
+        inputs.read_documents([str(tmp_path / "b.jsonl")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="has no .txt"):
-        data.read_documents([str(tmp_path / "empty")])
+        inputs.read_documents([str(tmp_path / "empty")])
     with pytest.raises(data.DataError, match="no file matches"):
-        data.read_documents([str(tmp_path / "*.nothing")])
+        inputs.read_documents([str(tmp_path / "*.nothing")])
     with pytest.raises(data.DataError, match="no input given"):
-        data.read_documents([])
+        inputs.read_documents([])
 
 
 def test_prepare_rejects_bad_settings(corpus, tmp_path):
@@ -114,8 +156,6 @@ def test_prepare_rejects_bad_settings(corpus, tmp_path):
 
 
 def test_truncated_token_file_is_detected(prepared, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(prepared, copy)
     with open(copy / "val.bin", "r+b") as f:
@@ -130,20 +170,20 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     texts = random_text(200, seed=5)
     datasets.Dataset.from_dict({"text": texts, "n": list(range(200))}).save_to_disk(str(tmp_path / "ds"))
-    assert data.read_documents([f"hf:{tmp_path / 'ds'}"]) == texts
+    assert inputs.read_documents([f"hf:{tmp_path / 'ds'}"]) == texts
     datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "nocol"))
     with pytest.raises(data.DataError, match="no `text` column"):
-        data.read_documents([f"hf:{tmp_path / 'nocol'}"])
+        inputs.read_documents([f"hf:{tmp_path / 'nocol'}"])
 
 
 def test_builtin_corpus_is_several_megabytes_of_english():
-    docs = data.builtin_corpus()
+    docs = inputs.builtin_corpus()
     assert sum(map(len, docs)) > 3_000_000
     assert docs[0].startswith("In the beginning God created the heaven")
 
 
 def test_builtin_corpus_has_one_verse_per_line():
-    docs = data.builtin_corpus()
+    docs = inputs.builtin_corpus()
     genesis_1 = docs[0].split("\n")
     assert 25 <= len(genesis_1) <= 31  # Genesis 1 has 31 verses (the database lacks a few)
     assert genesis_1[0].startswith("In the beginning God created the heaven") and genesis_1[0].endswith("the earth.")
@@ -196,16 +236,16 @@ def test_prepared_documents_keep_their_lines(tmp_path):
 
 
 def test_builtin_fingerprint_names_its_format(tmp_path, monkeypatch):
-    assert data.fingerprint(["builtin"]) == [{"source": "builtin", "format": data.BUILTIN_FORMAT}]
-    assert data.BUILTIN_FORMAT >= 2  # 1 was the space-joined corpus, cached as {"source": "builtin"}
+    assert inputs.fingerprint(["builtin"]) == [{"source": "builtin", "format": inputs.BUILTIN_FORMAT}]
+    assert inputs.BUILTIN_FORMAT >= 2  # 1 was the space-joined corpus, cached as {"source": "builtin"}
     # A directory prepared from the space-joined corpus is prepared again, not reused.
-    monkeypatch.setattr(data, "builtin_corpus", lambda: ["\n".join(random_text(3, seed=i)) for i in range(400)])
+    monkeypatch.setattr(inputs, "builtin_corpus", lambda: ["\n".join(random_text(3, seed=i)) for i in range(400)])
     out = tmp_path / "cached"
     out.mkdir()
     old = {"request": {"inputs": [{"source": "builtin"}], "vocab_size": 400, "val_fraction": 0.05, "seed": 0}}
     (out / data.MANIFEST).write_text(json.dumps(old))
     manifest = data.prepare(["builtin"], 400, out)
-    assert manifest["request"]["inputs"] == data.fingerprint(["builtin"]) and (out / "train.bin").exists()
+    assert manifest["request"]["inputs"] == inputs.fingerprint(["builtin"]) and (out / "train.bin").exists()
 
 
 def test_batches_are_a_pure_function_of_seed_and_index(prepared):
@@ -263,5 +303,5 @@ def test_an_mlx_lm_data_directory_comes_alone_and_validates_on_something(tmp_pat
     (tmp_path / "d" / "valid.jsonl").write_text("\n")
     with pytest.raises(data.DataError, match="valid.jsonl is empty; add records to it, or delete it"):
         data.prepare([str(tmp_path / "d")], 300, tmp_path / "out")
-    assert data.split_request([str(tmp_path / "d")]) == {"split": "mlx-lm"}  # not a cache of the old, mixed split
-    assert data.split_request([str(corpus)]) == {}  # datasets prepared before keep their keys
+    assert inputs.split_request([str(tmp_path / "d")]) == {"split": "mlx-lm"}  # not a cache of the old, mixed split
+    assert inputs.split_request([str(corpus)]) == {}  # datasets prepared before keep their keys

@@ -77,7 +77,7 @@ def test_planner_matches_brute_force(n, s, b):
 def test_best_bits_and_fp_comparison_match_brute_force():
     law, memory, tokens = TRUTHS[0], 1e9, 2e10
     choices = plan.best_bits(law, memory, tokens)
-    brute = {b: brute_force_optimum(law, 8 * memory / b, tokens, b)[1] for b in plan.BIT_WIDTHS}
+    brute = {b: brute_force_optimum(law, 8 * memory / b, tokens, b)[1] for b in plan.BITS}
     assert choices[0].bits == min(brute, key=brute.get)
     for c in choices:
         assert c.loss == pytest.approx(brute[c.bits], rel=1e-8) and c.n_params == pytest.approx(8 * memory / c.bits)
@@ -120,6 +120,7 @@ def test_fit_and_plan_commands(tmp_path):
     assert answer["law"]["optimal_fraction"] == pytest.approx(f_opt) and answer["law"]["loss"] == pytest.approx(loss)
     assert answer["law"]["chosen_fraction"]["wasted_tokens"] >= 0
     table = subprocess.run([sys.executable, "-m", "mlx_qat.plan", *args], capture_output=True, text=True, check=True).stdout
+    assert table == plan.format_answer(plan.answer(1e8, 1e10, 2.0, law, memory=1e9)) + "\n"  # --bits reads as a float
     assert "optimal QAT fraction" in table and "best bit width" in table
 
 

@@ -7,8 +7,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama
 
+from conftest import tiny_llama
 from mlx_qat import QuantSpec, fake_quant, init_scale
 from mlx_qat.layers import (QATEmbedding, QATLinear, is_learned_scale, qat_specs, quant_specs, to_qat,
                             to_quantized)
@@ -17,16 +17,6 @@ from mlx_qat.quantizers import specs_from_dict, specs_to_dict
 
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def tiny_llama(vocab_size: int = 256, tie: bool = True, seed: int = 0) -> llama.Model:
-    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                           vocab_size=vocab_size, tie_word_embeddings=tie)
-    mx.random.seed(seed)
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
 
 
 IDS = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])

@@ -2,9 +2,8 @@
 quantized), a llama GGUF with quantized tensors and its tokenizer, the refusals, the
 distillation loss, and runs of `python -m mlx_qat.train --init-from MODEL` end to end."""
 
-import mlx_qat  # noqa: F401  (first, so that MLX binds the optimized BLAS)
-
 import copy
+import inspect
 import json
 import subprocess
 import sys
@@ -25,15 +24,15 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlx_qat import QuantSpec, checkpoint, config, data, init_scale, train
+from mlx_qat import QuantSpec, checkpoint, config, data, init_scale, report, train
 from mlx_qat.distill import make_distill_loss
-from mlx_qat.evaluate import loss_fn
+from mlx_qat.evaluate import evaluate, loss_fn
 from mlx_qat.export import export, main as export_main
 from mlx_qat.layers import quant_specs, to_qat
 from mlx_qat.model import from_config
 from mlx_qat.pretrained import _pre_tokenizer, export_config, load
 
-from conftest import random_text
+from conftest import random_text, read_jsonl
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -408,8 +407,7 @@ def model_dir(arch, bpe, path, **extra) -> Path:
 
 
 def step_losses(out: Path) -> dict:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
 
 
 def check_finished(out: Path, summary: dict, **config_json):
@@ -419,7 +417,7 @@ def check_finished(out: Path, summary: dict, **config_json):
     for key in ("reference_val_loss", "ptq_val_loss", "final_val_loss", "exported_val_loss"):
         assert np.isfinite(summary[key]), key
     assert summary["exported_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
-    assert summary["peak_memory_bytes"] > 0 and "peak memory" in train.report.format_summary(summary)
+    assert summary["peak_memory_bytes"] > 0 and "peak memory" in report.format_summary(summary)
     model, tokenizer, exported = mlx_lm.load(str(out / "model"), return_config=True)
     assert exported["quantization"]["bits"] == 2 and all(exported[k] == v for k, v in config_json.items())
     assert tokenizer.chat_template == CHAT_TEMPLATE
@@ -434,7 +432,7 @@ def test_qat_from_a_pretrained_directory(arch, loss, bpe, corpus, tmp_path):
     check_finished(tmp_path / "run", summary, architectures=["ForTests"], eos_token_id=[2, 0], model_type=arch)
     assert summary["loss"] == loss and sorted(step_losses(tmp_path / "run")) == list(range(1, STEPS + 1))
     # the data were tokenized with the model's own tokenizer (and cached under it)
-    dataset = train.load_data(cfg, load(cfg.pretrained).tokenizer)
+    dataset = data.load(cfg, load(cfg.pretrained).tokenizer)
     assert dataset.vocab_size == VOCAB and (dataset.path / "tokenizer.json").exists()
 
 
@@ -449,8 +447,10 @@ def test_qat_from_a_gguf_on_the_command_line(hf_llama, bpe, corpus, tmp_path, ca
     summary = json.loads((out / "summary.json").read_text())
     check_finished(out, summary, rope_traditional=True, model_type="llama")
     # mlx-lm's own commands on the export: generate, and chat (one turn, then `q`)
-    mlx_lm_cli = lambda *args, **kw: subprocess.run([sys.executable, "-m", "mlx_lm", *args, "--model", str(out / "model"),  # noqa: E731
-                                                     "--max-tokens", "3"], capture_output=True, text=True, timeout=300, **kw)
+    def mlx_lm_cli(*args, **kw):
+        return subprocess.run([sys.executable, "-m", "mlx_lm", *args, "--model", str(out / "model"), "--max-tokens", "3"],
+                              capture_output=True, text=True, timeout=300, **kw)
+
     generated = mlx_lm_cli("generate", "--prompt", "hello")
     assert generated.returncode == 0 and "Generation:" in generated.stdout, generated.stderr
     chatted = mlx_lm_cli("chat", input="hello\nq\n")  # a turn through the chat template, then a clean exit
@@ -458,11 +458,28 @@ def test_qat_from_a_gguf_on_the_command_line(hf_llama, bpe, corpus, tmp_path, ca
     assert yaml.safe_load((out / "config.yaml").read_text())["pretrained"] == str(tmp_path / "m.gguf")
 
 
-def test_dwq_baseline_on_the_same_tokens(bpe, corpus, tmp_path):
+def test_dwq_baseline_on_the_same_tokens(bpe, corpus, tmp_path, monkeypatch):
+    from mlx_qat import baselines
+
     cfg = start_config(model_dir("llama", bpe, tmp_path / "model"), corpus, tmp_path, compare=["dwq"],
                        dwq_learning_rate=1e-3)
+    dwq_quantize, seen = baselines.dwq_quantize, []
+
+    def recorded(*args, **kwargs):
+        seen.append(inspect.signature(dwq_quantize).bind(*args, **kwargs).arguments)
+        return dwq_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "dwq_quantize", recorded)
     summary = train.run(cfg, tmp_path / "run", show_progress=False)
     assert np.isfinite(summary["dwq_val_loss"]) and summary["dwq_val_loss"] != summary["ptq_val_loss"]
+    # DWQ trained once, on the windows of the run's own batches: every step's, in order
+    assert sorted(step_losses(tmp_path / "run")) == list(range(1, STEPS + 1)) and len(seen) == 1
+    dataset = data.load(cfg, load(cfg.pretrained).tokenizer)
+    batches = [data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step) for step in range(STEPS)]
+    assert seen[0]["train_data"] == [(row.tolist(), 0) for batch in batches for row in batch]
+    assert (seen[0]["batch_size"], seen[0]["max_seq_length"]) == (cfg.batch_size, cfg.seq_len + 1)
+    validation = next(data.eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, 1))
+    assert {tuple(row) for row, _ in seen[0]["valid_data"]} <= {tuple(row.tolist()) for row in validation}
 
 
 @pytest.mark.parametrize("arch, bits, group_size", [("llama", 2, 32), ("qwen2", 2, 32), ("qwen2", 3, 64), ("llama", 4, 64)])
@@ -510,13 +527,13 @@ def test_a_tied_gemma3_text_run_rebuilds_from_its_snapshot(bpe, corpus, tmp_path
     summary = train.run(cfg, tmp_path / "run", show_progress=False)
     model, _ = checkpoint.load_model(tmp_path / "run" / "snapshots" / str(STEPS * 128))
     assert "lm_head" not in model
-    batches = list(data.eval_batches(train.load_data(cfg, load(path).tokenizer).val, 4, 32, 2))
-    assert train.evaluate(model, batches) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    batches = list(data.eval_batches(data.load(cfg, load(path).tokenizer).val, 4, 32, 2))
+    assert evaluate(model, batches) == pytest.approx(summary["final_val_loss"], rel=1e-5)
     # python -m mlx_qat.export keeps the pretrained model's config.json and tokenizer too
     export_main(["--checkpoint", str(tmp_path / "run" / "snapshots" / str(STEPS * 128)), "--out", str(tmp_path / "x")])
     loaded, tokenizer, exported = mlx_lm.load(str(tmp_path / "x"), return_config=True)
     assert exported["architectures"] == ["ForTests"] and tokenizer.chat_template == CHAT_TEMPLATE
-    assert train.evaluate(loaded, batches) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    assert evaluate(loaded, batches) == pytest.approx(summary["final_val_loss"], rel=1e-5)
 
 
 def test_ternary_has_no_ptq_baseline(bpe, corpus, tmp_path):
@@ -559,7 +576,6 @@ def test_memory_options(bpe, corpus, tmp_path, monkeypatch):
     path = model_dir("llama", bpe, tmp_path / "model")
     block = type(load(path).model.layers[0])
     monkeypatch.setattr(block, "__call__", block.__call__)  # grad_checkpoint patches the class: undone after
-    monkeypatch.setattr(train, "CHECKPOINTED", set())
     plain = start_config(path, corpus, tmp_path, snapshot_at=[STEPS * 128])
     train.run(plain, tmp_path / "plain", show_progress=False)
     train.run(start_config(path, corpus, tmp_path, grad_checkpoint=True), tmp_path / "recompute", show_progress=False)
@@ -593,8 +609,12 @@ def test_data_in_mlx_lm_formats(bpe, tmp_path):
     p = load(model_dir("llama", bpe, tmp_path / "model"))
     inputs = [str(tmp_path / f"{n}.jsonl") for n in ("chat", "pairs", "texts")]
     manifest = data.prepare_with(p.tokenizer, inputs, tmp_path / "out")
-    as_chat = lambda r: r["messages"] if "messages" in r else [  # noqa: E731
-        {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+
+    def as_chat(r):
+        if "messages" in r:
+            return r["messages"]
+        return [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+
     expected = [bpe.apply_chat_template(as_chat(r), return_dict=False) for r in chats + pairs]
     expected += [bpe.encode(r["text"]) + [bpe.eos_token_id] for r in texts]
     assert sum(manifest["tokens"].values()) == sum(map(len, expected))
@@ -623,11 +643,12 @@ def test_an_mlx_lm_data_directory_on_the_command_line(bpe, tmp_path, capsys):
         (tmp_path / "d" / f"{name}.jsonl").write_text("\n".join(map(json.dumps, part)))
     model = model_dir("llama", bpe, tmp_path / "model")
     data.main(["prepare", "--input", str(tmp_path / "d"), "--tokenizer", str(model), "--out", str(tmp_path / "out")])
-    assert f"vocabulary {VOCAB}" in capsys.readouterr().out
     dataset = data.TokenData.load(tmp_path / "out")
+    assert capsys.readouterr().out == (f"{tmp_path / 'out'}: {dataset.train.size:,} train and {dataset.val.size:,} "
+                                       f"validation tokens, vocabulary {VOCAB}\n")
     valid = [bpe.apply_chat_template(r["messages"], return_dict=False) for r in chats[8:10]]
     assert dataset.val.tolist() == [t for ids in valid for t in ids]
-    assert train.load_data(start_config(model, tmp_path / "out", tmp_path), load(model).tokenizer).path == tmp_path / "out"
+    assert data.load(start_config(model, tmp_path / "out", tmp_path), load(model).tokenizer).path == tmp_path / "out"
     with pytest.raises(SystemExit):
         data.main(["prepare", "--input", str(tmp_path / "d"), "--tokenizer", str(model), "--vocab-size", "300",
                    "--out", str(tmp_path / "x")])
@@ -652,7 +673,10 @@ def cli_error(capsys, *argv) -> str:
 
 def test_bad_starting_points_are_refused_before_training(hf_llama, bpe, corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    start = lambda path, *more: cli_error(capsys, "--init-from", path, "--out", out, "--data", corpus, *more)  # noqa: E731
+
+    def start(path, *more):
+        return cli_error(capsys, "--init-from", path, "--out", out, "--data", corpus, *more)
+
     assert "does not exist" in start(tmp_path / "missing")
     (tmp_path / "notes.txt").write_text("hi")
     assert "neither a checkpoint" in start(tmp_path / "notes.txt")

@@ -10,7 +10,8 @@ import pytest
 
 from mlx_qat import QuantSpec, fake_quant, gpu, init_scale
 from mlx_qat import fakequant as fq
-from mlx_qat.quantizers import BITS, QUANTIZERS, Quantizer, specs_from_dict, specs_to_dict
+from mlx_qat.constants import BITS
+from mlx_qat.quantizers import QUANTIZERS, Quantizer, specs_from_dict, specs_to_dict
 
 GRANULARITIES = [32, 64, 128, None]
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 8]
@@ -171,7 +172,7 @@ def test_scale_shape_is_checked():
 def test_one_description_per_kind():
     assert [q.name for q in QUANTIZERS] == ["binary", "ternary", "seq", "lsq"]
     assert sorted(q.kernel_id for q in QUANTIZERS) == [0, 1, 2, 3]  # the KIND cases of fake_quant.h
-    assert BITS == tuple(ALL_BITS)
+    assert BITS == tuple(ALL_BITS) == tuple(b for q in QUANTIZERS for b in q.bits)  # the kinds serve BITS, in order
     for bits in ALL_BITS:
         spec = QuantSpec(bits)
         assert [q for q in QUANTIZERS if bits in q.bits] == [spec.quantizer]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import MICRO_MODEL
-from mlx_qat import checkpoint, config, sweep, train
+from mlx_qat import checkpoint, config, report, sweep, train
 
 def write_sweep(tmp_path, dataset, grid, fp_baselines=True, **base):
     values = dict(data=str(dataset), model=MICRO_MODEL, total_tokens=40 * 128, batch_size=4, seq_len=32, bits=2,
@@ -67,7 +67,7 @@ def test_the_plan_counts_only_what_is_left(dataset, tmp_path):
     hours = (trunk.cfg.total_tokens + first.cfg.total_tokens - first.branch_tokens) / 128 / 3600
     assert f"ETA {hours:.2f} h of training for what is left" in text
     s.trunk_dir(trunk).mkdir(parents=True)
-    (s.trunk_dir(trunk) / train.SUMMARY).write_text("{}")  # a finished trunk is not trained again
+    (s.trunk_dir(trunk) / report.SUMMARY).write_text("{}")  # a finished trunk is not trained again
     assert sum(sweep.tokens_left(s, done).values()) == first.cfg.total_tokens - first.branch_tokens
 
 

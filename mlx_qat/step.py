@@ -1,0 +1,109 @@
+"""The compiled training step and what it is made of: the loss, the optimizer, the memory options.
+
+A run builds its step from these (mlx_qat.train), and so does anything that times a step on a
+freshly built model (mlx_qat.sweep's rate, the benchmarks), so both train the same step.
+"""
+
+from functools import partial
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx_lm.tuner.trainer import grad_checkpoint
+
+from . import pretrained
+from .distill import make_distill_loss
+from .evaluate import loss_fn
+from .layers import QATEmbedding, is_learned_scale
+
+
+def make_loss(cfg) -> Callable:
+    """The training loss, decided here only: next-token cross-entropy, or distillation from the
+    starting model, loaded a second time and frozen (arrays of its own: the compiled step
+    refuses a captured array that is also one of its inputs, as the student's weights are)."""
+    if cfg.loss == "distill":
+        teacher = pretrained.load(cfg.pretrained).model  # read now: a compiled step must not capture lazy arrays
+        teacher.freeze()
+        return make_distill_loss(teacher, cfg.kl_weight)
+    return loss_fn
+
+
+def make_optimizer(cfg) -> optim.MultiOptimizer:
+    """AdamW on the weights; no weight decay on norms and biases; α has an optimizer (and
+    state) of its own, which the QAT phase starts fresh."""
+    adamw = partial(optim.AdamW, learning_rate=cfg.learning_rate, betas=[cfg.beta1, cfg.beta2])
+    is_vector = lambda _, p: p.ndim < 2  # noqa: E731
+    return optim.MultiOptimizer(
+        [adamw(weight_decay=0.0), adamw(weight_decay=0.0), adamw(weight_decay=cfg.weight_decay)],
+        [lambda path, _: is_learned_scale(path), is_vector],
+    )
+
+
+def forget_moments(optimizer: optim.MultiOptimizer) -> None:
+    """Drop the Adam moments, keeping each optimizer's step count and learning rate."""
+    for sub in optimizer.optimizers:
+        sub.state = {k: v for k, v in sub.state.items() if k in ("step", "learning_rate")}
+
+
+def recompute_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing: each transformer block's activations are recomputed in the
+    backward pass instead of kept. mlx-lm's grad_checkpoint patches the block's class, so a
+    class is patched once (marked on its new __call__, which goes if the patch is undone)."""
+    for block in model.layers:
+        if not getattr(type(block).__call__, "recomputes", False):
+            grad_checkpoint(block)
+            type(block).__call__.recomputes = True
+
+
+def freeze_embedding(model: nn.Module) -> None:
+    """Keep the embedding and LM head weights fixed (their α, in QAT form, still learns: the
+    grid keeps adapting to the fixed weights). Applied again after the switch to QAT, whose
+    layers are new modules."""
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, QATEmbedding)) or path.rsplit(".", 1)[-1] == "lm_head":
+            m.freeze(keys=["weight"], recurse=False)
+
+
+def apply_memory_options(model: nn.Module, cfg) -> None:
+    """The config's memory keys on the model as it is now: grad_checkpoint, freeze_embedding."""
+    if cfg.grad_checkpoint:
+        recompute_blocks(model)
+    if cfg.freeze_embedding:
+        freeze_embedding(model)
+
+
+def keep_freed_buffers() -> None:
+    """Let MLX's CPU allocator keep a quarter of its memory limit in freed buffers for reuse.
+
+    On the CPU MLX caches only 32 MB (on Metal, up to its memory limit), so a step's larger
+    activations went back to the OS and came back as fresh zeroed pages, faulted in every step.
+    Shapes repeat step after step, so the cache holds about one step's transient buffers, not a
+    growing pile."""
+    if mx.default_device() == mx.cpu:
+        mx.set_cache_limit(max(mx.get_memory_limit() // 4, 32 << 20))
+
+
+def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, group=None,
+                    loss: Callable = loss_fn) -> Callable:
+    """One compiled step: forward, backward, gradients averaged over the ranks (if several),
+    clip, AdamW update; it returns the loss of the global batch. Built again whenever the
+    model's layers (and so its state) change. `loss` comes from `make_loss`; a distillation
+    teacher it reads is frozen, so the compiled step may capture it as a constant."""
+    optimizer.init(model.trainable_parameters())
+    loss_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state]
+    ranks = 1 if group is None else group.size()
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        loss, grads = loss_and_grad(model, batch)
+        if ranks > 1:
+            grads = nn.average_gradients(grads, group)
+            loss = mx.distributed.all_sum(loss, group=group, stream=mx.cpu) / ranks
+        if grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
