@@ -445,10 +445,14 @@ def held_out(runs: Runs, **fit_options) -> dict:
         f_pred = float(scaling_law.predicted_qat_fraction(g["S_total"])) if g["S_total"] > 1 else math.nan
         rows.append({k: g[k] for k in ("N", "D_total", "B", "S_total", "best_fraction")} | {"law_fraction": f_law,
                     "predictor_fraction": f_pred})
-    fraction_error = lambda key: float(np.nanmean([abs(r[key] - r["best_fraction"]) for r in rows])) if rows else math.nan  # noqa: E731
     return {"runs": len(tested), "loss_mae": float(np.abs(errors).mean()), "loss_max_error": float(np.abs(errors).max()),
-            "fraction_mae_law": fraction_error("law_fraction"), "fraction_mae_predictor": fraction_error("predictor_fraction"),
-            "groups": rows, "at_bounds": at_bounds(law)}
+            "fraction_mae_law": _fraction_error(rows, "law_fraction"),
+            "fraction_mae_predictor": _fraction_error(rows, "predictor_fraction"), "groups": rows, "at_bounds": at_bounds(law)}
+
+
+def _fraction_error(rows: List[dict], key: str) -> float:
+    """Mean |fraction − best observed fraction| over the held-out groups."""
+    return float(np.nanmean([abs(r[key] - r["best_fraction"]) for r in rows])) if rows else math.nan
 
 
 def format_held_out(h: dict) -> str:

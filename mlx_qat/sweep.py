@@ -144,8 +144,8 @@ def expand(base: dict, grids: List[dict], fp_baselines: bool) -> List[Run]:
     runs = _runs(points)
     shortest = min(r.cfg.total_tokens for r in runs)
     if any(r.cfg.warmup_tokens is None for r in runs):  # a warmup given as a fraction becomes tokens: the shortest run's
-        warmup = lambda cfg: cfg.warmup_tokens if cfg.warmup_tokens is not None else round(cfg.warmup * shortest)  # noqa: E731
-        runs = _runs([(r.name, {**r.cfg.to_dict(), "warmup_tokens": warmup(r.cfg)}) for r in runs])
+        runs = _runs([(r.name, {**r.cfg.to_dict(), "warmup_tokens": round(r.cfg.warmup * shortest)})
+                      if r.cfg.warmup_tokens is None else (r.name, r.cfg.to_dict()) for r in runs])
     if fp_baselines:
         keys = list(dict.fromkeys(k for grid in grids for k in grid if k not in config.BRANCH_KEYS))
         seen = {}
@@ -175,7 +175,7 @@ def _runs(points: List[Tuple[str, dict]]) -> List[Run]:
 
 def _config(values: dict, name: str) -> config.TrainConfig:
     try:
-        cfg = config.TrainConfig(**values)
+        cfg = config.resolve(values)  # as a run's config: an FP mode fills in its bits and group_size
     except (TypeError, ValueError) as e:
         raise SweepError(f"run {name}: {e}") from e
     if cfg.pretrained is not None:

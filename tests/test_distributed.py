@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 import yaml
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, read_jsonl
 
 pytestmark = pytest.mark.slow
 LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
@@ -40,7 +40,7 @@ def launch(*args, ranks=2, **kwargs):
 
 
 def records(out: Path) -> list:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def assert_same_run(a: Path, b: Path, atol=1e-4):

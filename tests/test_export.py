@@ -8,10 +8,10 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-from mlx_lm.models import llama
 
 from mlx.utils import tree_flatten
 
+from conftest import tiny_llama
 from mlx_qat import QuantSpec
 from mlx_qat.export import export, export_fp, packed_model
 from mlx_qat.layers import QATEmbedding, QATLinear, pack, quant_specs, to_qat
@@ -55,23 +55,6 @@ def test_embedding_export_equals_fake_quant():
     np.testing.assert_array_equal(np.array(q(ids)), np.array(layer(ids)))
 
 
-def tiny_llama(vocab_size: int, tie: bool = True) -> llama.Model:
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=128,
-        num_hidden_layers=2,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=vocab_size,
-        tie_word_embeddings=tie,
-    )
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
-
-
 def cross_entropy(model, tokens):
     logits = model(tokens[:, :-1]).astype(mx.float32)
     return nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="mean").item()
@@ -93,8 +76,10 @@ def test_mlx_lm_loads_the_export(qat_model, tokenizer_dir, tmp_path):
     assert config["model_type"] == "llama"
     assert config["quantization"]["bits"] == 2 and config["quantization"]["mode"] == "affine"
     assert config["quantization"]["model.embed_tokens"]["bits"] == 4
-    # 2-bit blocks and a 4-bit embedding, each with a float32 scale and bias per 64 weights
-    assert 3.0 < report.bits_per_weight < 5.0
+    # 2-bit blocks and a 4-bit embedding, each with a float32 scale and bias (64 bits) per 64 weights
+    embedding = qat_model.model.embed_tokens.weight.size
+    blocks = sum(m.weight.size for path, m in qat_model.named_modules() if ".layers." in path and hasattr(m, "alpha"))
+    assert report.bits_per_weight == pytest.approx((blocks * (2 + 1) + embedding * (4 + 1)) / (blocks + embedding), rel=1e-12)
     assert report.size_bytes > 0
 
     loaded, _ = mlx_lm.load(str(tmp_path / "m"))

@@ -3,12 +3,11 @@ independent run reproduces."""
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, read_jsonl
 from mlx_qat import checkpoint, config, report, sweep, train
 
 def write_sweep(tmp_path, dataset, grid, fp_baselines=True, **base):
@@ -123,8 +122,7 @@ def test_cli_rejects_a_bad_file_before_training(dataset, tmp_path, capsys):
 SMALL_GRID = {"qat_fraction": [0.25, 0.5], "schedule": ["separate", "fused"]}
 
 
-def records(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+
 
 
 @pytest.mark.slow
@@ -133,7 +131,7 @@ def test_a_sweep_record_equals_an_independent_run(dataset, tmp_path):
     figures = sweep.run_sweep(sweep.Sweep(path, tmp_path / "out"))
     assert figures["runs_finished"] == figures["runs_total"] == 5
     assert figures["tokens_trained"] < figures["tokens_independent"]
-    results = {r["name"]: r for r in records(tmp_path / "out" / "results.jsonl")}
+    results = {r["name"]: r for r in read_jsonl(tmp_path / "out" / "results.jsonl")}
     assert len(results) == 5 and results["fp_total_tokens-5120"]["B"] is None
     for name in ("qat_fraction-0.5_schedule-separate", "qat_fraction-0.25_schedule-fused"):
         record = results[name]
@@ -171,20 +169,20 @@ def test_a_killed_sweep_resumes_with_exactly_the_right_records(dataset, tmp_path
     with pytest.raises(Killed):
         sweep.run_sweep(sweep.Sweep(path, out))
     monkeypatch.setattr(checkpoint, "save", save)
-    assert len(records(out / "results.jsonl")) == 2
+    assert len(read_jsonl(out / "results.jsonl")) == 2
     # 3. during an append: the fourth record
-    append = kill_when(lambda p, line: len(records(p)) == 3, sweep.atomic, "append_line")
+    append = kill_when(lambda p, line: len(read_jsonl(p)) == 3, sweep.atomic, "append_line")
     with pytest.raises(Killed):
         sweep.run_sweep(sweep.Sweep(path, out))
     monkeypatch.setattr(sweep.atomic, "append_line", append)
-    assert len(records(out / "results.jsonl")) == 3
+    assert len(read_jsonl(out / "results.jsonl")) == 3
 
     figures = sweep.run_sweep(sweep.Sweep(path, out))
-    names = [r["name"] for r in records(out / "results.jsonl")]
+    names = [r["name"] for r in read_jsonl(out / "results.jsonl")]
     assert sorted(names) == sorted(r.name for r in sweep.Sweep(path, out).runs) and len(names) == 5
     assert figures["runs_finished"] == 5
     again = sweep.run_sweep(sweep.Sweep(path, out))  # nothing left to do, nothing duplicated
-    assert [r["name"] for r in records(out / "results.jsonl")] == names and again["runs_finished"] == 5
+    assert [r["name"] for r in read_jsonl(out / "results.jsonl")] == names and again["runs_finished"] == 5
 
 
 @pytest.mark.slow
@@ -195,21 +193,21 @@ def test_a_sweep_resumes_from_its_results_alone(dataset, tmp_path, monkeypatch):
     append = sweep.atomic.append_line
 
     def killed_at_third_record(p, line):
-        if p.exists() and len(records(p)) == 2:
+        if p.exists() and len(read_jsonl(p)) == 2:
             raise KeyboardInterrupt
         append(p, line)
     monkeypatch.setattr(sweep.atomic, "append_line", killed_at_third_record)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(sweep.Sweep(path, tmp_path / "first", results_dir=committed))
     monkeypatch.setattr(sweep.atomic, "append_line", append)
-    first = [r["name"] for r in records(committed / "results.jsonl")]
+    first = [r["name"] for r in read_jsonl(committed / "results.jsonl")]
     assert len(first) == 2 and not (committed / "trunks").exists()
 
     trained = []
     run_to_end = train.run_to_end
     monkeypatch.setattr(train, "run_to_end", lambda cfg, out, *a, **k: trained.append(out.name) or run_to_end(cfg, out, *a, **k))
     figures = sweep.run_sweep(sweep.Sweep(path, tmp_path / "second", results_dir=committed))
-    names = [r["name"] for r in records(committed / "results.jsonl")]
+    names = [r["name"] for r in read_jsonl(committed / "results.jsonl")]
     assert names[:2] == first and sorted(names) == sorted(r.name for r in sweep.Sweep(path, tmp_path / "x").runs)
     assert trained[0].startswith("trunk_") and set(trained[1:]) == set(names[2:])  # the trunk again, then the rest
     assert figures["runs_finished"] == 5 and json.loads((committed / "sweep.json").read_text())["runs_finished"] == 5

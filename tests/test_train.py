@@ -15,7 +15,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, read_jsonl
 from mlx_qat import checkpoint, config, data, model as models, report, train
 from mlx_qat.checkpointer import DivergenceError
 from mlx_qat.start import StartError
@@ -30,8 +30,7 @@ def micro(dataset, **overrides):
 
 
 def losses(out: Path) -> dict:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_records(out) if "loss" in r}
 
 
 def test_run_switches_to_qat_and_exports(dataset, tmp_path):
@@ -43,7 +42,7 @@ def test_run_switches_to_qat_and_exports(dataset, tmp_path):
     assert summary["fp_val_loss"] is not None
     for name in ("metrics.jsonl", "config.yaml", "loss.png", "summary.json", "model/config.json", "model/tokenizer.json"):
         assert (tmp_path / "run" / name).exists(), name
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path / "run")
     phases = [r["phase"] for r in records if "loss" in r]
     assert phases == ["fp"] * 24 + ["qat"] * 16
     assert [r["event"] for r in records if "event" in r] == ["end_fp", "end_qat"]
@@ -56,7 +55,7 @@ def lrs(out: Path) -> dict:
 
 
 def read_records(out: Path) -> list:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def test_learning_rate_at_the_switch_fused_vs_separate(dataset, tmp_path):
