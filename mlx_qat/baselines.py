@@ -3,7 +3,8 @@ batches: the starting model, MLX's post-training quantization of it (PTQ) at the
 group sizes, and, when `compare: [dwq]` asks for it, mlx-lm's DWQ on the run's training tokens.
 
     reference_val_loss  the pretrained model as loaded (float32)
-    ptq_val_loss        `mlx_lm.utils.quantize_model` of it: round-to-nearest affine quantization,
+    ptq_val_loss        `mlx_lm.utils.quantize_model` of it: round-to-nearest affine quantization
+                        (or the run's FP mode: mx.quantize, the grid the QAT run trains on),
                         as `mlx_lm.convert -q` makes it, with each layer at the bits the QAT export
                         gives it (blocks at `bits`, embedding/head at `embedding_bits`), so both
                         models take the same memory
@@ -43,8 +44,13 @@ def ptq(start: pretrained.Pretrained, cfg) -> nn.Module:
     """A quantized copy of the starting model: every layer the QAT export packs, at its bits."""
     model = copy.deepcopy(start.model)
     specs = quant_specs(model, cfg.spec, cfg.embedding_spec)
-    place = lambda path, _: path in specs and dict(group_size=specs[path].group_size, bits=specs[path].storage_bits)  # noqa: E731
-    quantize_model(model, start.config, group_size=cfg.group_size, bits=cfg.spec.storage_bits, quant_predicate=place)
+
+    def place(path, _):  # each layer at the bits (and mode) the QAT export gives it
+        spec = specs.get(path)
+        return spec is not None and dict(group_size=spec.group_size, bits=spec.storage_bits, mode=spec.mode)
+
+    quantize_model(model, start.config, group_size=cfg.group_size, bits=cfg.spec.storage_bits, mode=cfg.mode,
+                   quant_predicate=place)
     return model
 
 

@@ -4,6 +4,9 @@ Values are coerced to each key's declared type as users type them (`1e-3` and `1
 strings in YAML 1.1; `1e6` tokens is a float), then every key is checked at construction, so a
 bad value stops a run with one line naming the key before any data is read. Unknown keys are
 errors that suggest the nearest valid key.
+
+`resolve` fills the keys the user left unset from the start's defaults: a pretrained start's
+PRETRAINED_DEFAULTS, and an FP `mode`'s own bits and group_size (MODE_DEFAULTS).
 """
 
 import argparse
@@ -16,7 +19,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get
 
 import yaml
 
-from .constants import BITS, BYTE_FALLBACK_PIECES, DEFAULT_VOCAB_SIZE, GROUP_SIZES, MIN_VOCAB_SIZE, SCALES_DTYPE_NAMES
+from .constants import (BITS, BYTE_FALLBACK_PIECES, DEFAULT_VOCAB_SIZE, FP_MODES, GROUP_SIZES, MIN_VOCAB_SIZE, MODES,
+                        SCALES_DTYPE_NAMES)
 from .presets import NAMES as PRESET_NAMES
 from .quantizers import QuantSpec, default_embedding_bits
 from .schedule import SCHEDULES, make_schedule, plan_run
@@ -132,6 +136,7 @@ def listed(values) -> str:
 
 
 BITS_TEXT = f"one of {listed(BITS)} (1.58 = ternary)"
+FP_MODES_TEXT = ", ".join(f"{m} ({b}-bit, groups of {g})" for m, (g, b) in FP_MODES.items())
 
 
 @dataclass
@@ -167,11 +172,17 @@ class TrainConfig:
     beta2: float = key(0.95, "AdamW β2", "a number in [0, 1), e.g. 0.95", below_one)
     grad_clip: float = key(1.0, "global gradient-norm clip; 0 disables", "a number >= 0 (0 disables), e.g. 1.0", non_negative)
     # QAT (bits and group sizes are range-checked by QuantSpec). A pretrained start is QAT from
-    # token 0: the model is trained already.
-    bits: float = key(2, f"QAT weight bits: {listed(BITS)}", BITS_TEXT, section="QAT", branch=True)
+    # token 0: the model is trained already. An FP mode fixes bits and group_size (resolve fills
+    # them in when unset; validate refuses others).
+    mode: str = key("affine", "affine (integer grids, learned scales) or an MLX FP format with a scale derived from each "
+                    f"group's max |w|: {FP_MODES_TEXT}; an FP mode sets bits/group_size (leave them unset) and quantizes "
+                    "the embedding in the same mode", f"one of {', '.join(MODES)}", lambda v: v in MODES, section="QAT",
+                    branch=True)
+    bits: float = key(2, f"QAT weight bits: {listed(BITS)}", BITS_TEXT, branch=True)
     group_size: Optional[int] = key(64, f"{listed(GROUP_SIZES)}, or null for per-channel",
                                     f"one of {listed(GROUP_SIZES)}, or null for per-channel scales", branch=True)
-    embedding_bits: Optional[float] = key(None, "embedding/tied-head bits; default max(bits, 4)", f"null or {BITS_TEXT}",
+    embedding_bits: Optional[float] = key(None, "embedding/tied-head bits; default max(bits, 4); an FP mode quantizes "
+                                          "them in the mode too (null or the mode's bits)", f"null or {BITS_TEXT}",
                                           lambda v: v in BITS, branch=True)
     qat_fraction: Union[float, str] = key("auto", "f = D_qat / D_total in [0, 1], or auto (the paper's predictor)",
                                           "a number in [0, 1] or auto", lambda v: v == "auto" or fraction(v), _fraction_or_auto,
@@ -187,7 +198,8 @@ class TrainConfig:
     # resumed run may turn it on or off.
     grad_checkpoint: bool = key(False, "recompute each transformer block in the backward pass (less activation memory)",
                                 "true or false", section="memory", resume=True)
-    freeze_embedding: bool = key(False, "keep the embedding and LM head weights fixed (still fake-quantized; their α learns)",
+    freeze_embedding: bool = key(False, "keep the embedding and LM head weights fixed (still fake-quantized; their α, "
+                                 "in affine mode, learns)",
                                  "true or false")
     # schedule. A sweep's FP trunk runs at the peak rate after its warmup, so the FP cooldown and
     # everything of the QAT phase belong to the runs that branch from it. On a pretrained start the
@@ -220,7 +232,8 @@ class TrainConfig:
     snapshot_at: List[int] = key(list, "token counts at which to keep a named snapshot besides the rolling checkpoint",
                                  "a list of positive token counts, e.g. [5e5, 1e6]", lambda v: all(map(positive, v)),
                                  _token_counts, resume=True, branch=True)
-    export_scales: str = key("float32", "dtype of exported scales: float32 (lossless), float16, bfloat16",
+    export_scales: str = key("float32", "dtype of exported scales: float32 (lossless), float16, bfloat16 (affine; "
+                             "FP modes store their own 8-bit scales)",
                              f"one of {', '.join(SCALES_DTYPE_NAMES)}", lambda v: v in SCALES_DTYPE_NAMES, branch=True)
     report_to: Optional[str] = key(None, "also send the losses to wandb, swanlab, or both (a comma list), as mlx-lm does",
                                    "null, wandb, swanlab or a comma list of them",
@@ -241,9 +254,11 @@ class TrainConfig:
         """Coerce every key to its type and check its range; raise ValueError naming the key."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
-        QuantSpec(self.bits, self.group_size)  # raises with the allowed values
+        if self.mode in FP_MODES:
+            self._check_fp_mode()
+        QuantSpec(self.bits, self.group_size, self.mode)  # raises with the allowed values
         if self.embedding_bits is not None:
-            QuantSpec(self.embedding_bits, self.group_size)
+            QuantSpec(self.embedding_bits, self.group_size, self.mode)
         for prefix in ("", "qat_"):
             warmup, cooldown = getattr(self, prefix + "warmup"), getattr(self, prefix + "cooldown")
             if warmup + cooldown > 1:
@@ -267,6 +282,24 @@ class TrainConfig:
                 raise ValueError(f"{needs[0]} needs a pretrained start (the starting model is the teacher/baseline): "
                                  "pass --init-from MODEL, or drop it")
 
+    def _check_fp_mode(self) -> None:
+        """An FP mode stores one (group size, element bits): a bits, group_size or embedding_bits
+        the user set otherwise is one line naming both keys and the fix."""
+        group_size, bits = FP_MODES[self.mode]
+        for name, want in (("bits", bits), ("group_size", group_size), ("embedding_bits", bits)):
+            value = getattr(self, name)
+            if value != want and not (name == "embedding_bits" and value is None):
+                fix = "leave it unset (it follows the mode)" if name != "embedding_bits" else \
+                    "leave it unset (the embedding is quantized in the mode too)"
+                raise ValueError(f"mode={self.mode} stores {bits}-bit elements in groups of {group_size}, so "
+                                 f"{name}={value!r} cannot be used: {fix}, set {name}: {want}, or use mode: affine")
+        if "dwq" in self.compare:  # mlx-lm's DWQ tunes affine scales and biases; an FP mode has neither to tune
+            raise ValueError(f"mode={self.mode} has no affine scales and biases for compare: [dwq] to tune: drop dwq "
+                             "from compare, or use mode: affine")
+        if self.export_scales != "float32":
+            raise ValueError(f"mode={self.mode} stores its own 8-bit scales, so export_scales={self.export_scales} "
+                             "cannot be used: leave export_scales unset, or use mode: affine")
+
     def _check_model(self) -> None:
         from .model import model_args  # mlx_lm is slow to import; only a real config needs it
 
@@ -283,12 +316,12 @@ class TrainConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size)
+        return QuantSpec(self.bits, self.group_size, self.mode)
 
     @property
     def embedding_spec(self) -> QuantSpec:
         bits = self.embedding_bits if self.embedding_bits is not None else default_embedding_bits(self.bits)
-        return QuantSpec(bits, self.group_size)
+        return QuantSpec(bits, self.group_size, self.mode)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -305,6 +338,8 @@ RESUME_MAY_CHANGE = _keys_that("resume")
 BRANCH_KEYS = _keys_that("branch")
 PRETRAINED_DEFAULTS = {name: f.metadata["pretrained_default"] for name, f in FIELDS.items()
                        if f.metadata["pretrained_default"] is not dataclasses.MISSING}
+# The defaults an FP mode gives bits and group_size where the user leaves them unset.
+MODE_DEFAULTS = {mode: {"bits": bits, "group_size": group_size} for mode, (group_size, bits) in FP_MODES.items()}
 
 
 def _checked(f: dataclasses.Field, value):
@@ -343,9 +378,11 @@ def default(key: str):
 
 def resolve(values: dict) -> TrainConfig:
     """The config of `values` (the keys the user set): a pretrained start takes PRETRAINED_DEFAULTS
-    for the keys it leaves unset."""
+    for the keys it leaves unset, and an FP mode its MODE_DEFAULTS (mxfp4: bits 4, group_size 32)."""
     start = PRETRAINED_DEFAULTS if values.get("pretrained") is not None else {}
-    return TrainConfig(**{**start, **values})
+    mode = values.get("mode")
+    by_mode = MODE_DEFAULTS.get(mode, {}) if isinstance(mode, str) else {}
+    return TrainConfig(**{**start, **by_mode, **values})
 
 
 def load(path: Optional[Path] = None, overrides: Optional[dict] = None) -> TrainConfig:
@@ -387,8 +424,11 @@ def describe_keys() -> str:
         if f.metadata["section"]:
             lines += ["", f"{f.metadata['section']}:"]
         lines.append(f"  --{f.name.replace('_', '-'):<22} {f.metadata['help']} (default: {default(f.name)!r})")
+    modes = "; ".join(f"{m}: bits {d['bits']}, group_size {d['group_size']}" for m, d in MODE_DEFAULTS.items())
+    lines.append(f"\nan FP mode sets bits and group_size when you leave them unset, and refuses other values ({modes}); "
+                 "the embedding is quantized in the same mode (embedding_bits: unset or the mode's bits)")
     start = ", ".join(f"{k}: {v:g}" for k, v in PRETRAINED_DEFAULTS.items())
-    lines.append(f"\na pretrained start (--init-from MODEL) changes the defaults of the keys you leave unset to {start}")
+    lines.append(f"a pretrained start (--init-from MODEL) changes the defaults of the keys you leave unset to {start}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Export a QAT model as an mlx-lm checkpoint of packed affine weights.
+"""Export a QAT model as an mlx-lm checkpoint of packed weights (affine, or an FP mode).
 
 The packed codes come from the learned α and the integer codes of the grid (not from
 `mx.quantize` on ŵ, whose min/max search does not reproduce the learned grid), so that
@@ -6,6 +6,15 @@ The packed codes come from the learned α and the integer codes of the grid (not
 Each row of codes is stored as MLX's little-endian bitstream in uint32 words (`layers.pack`),
 with one (scale, bias) per group such that ŵ = scale·code + bias. The directory loads with
 `mlx_lm.load` and generates with `mlx_lm.generate` unchanged.
+
+In an FP mode (mxfp4, nvfp4, mxfp8) the packing is `mx.quantize(W, G, B, mode=mode)` of the
+trained float weight: lossless by construction, since the fake-quant the model trained with
+equals MLX's quantize -> dequantize bit for bit (fp_formats.py). config.json's `quantization`
+then reads {"group_size": G, "bits": B, "mode": mode}, as mlx-lm writes it. mlx-lm's FP-mode
+layers compute in the input's dtype (float32 here), but `QuantizedEmbedding`'s lookup returns
+bfloat16 (mx.dequantize's default for FP modes); every such value is exact in bfloat16 (at most
+6 significant bits), and the first float32 residual add promotes the stream back, so the
+export's loss equals the fake-quant model's up to float32 summation order (about 1e-6 relative).
 
 `export_run` exports a run's model, both as the run ends and from a checkpoint or snapshot:
 
@@ -37,7 +46,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclass
 class ExportReport:
     path: Path
-    bits_per_weight: float  # stored bits per quantized weight, scales and biases included
+    bits_per_weight: float  # stored bits per quantized weight, scales (and affine biases) included
     size_bytes: int  # the whole directory on disk
 
     def __str__(self) -> str:
@@ -99,8 +108,9 @@ def export(
 
     tokenizer: a directory holding Hugging Face tokenizer files, or an object with
     `save_pretrained`; mlx_lm.load needs one. scales_dtype: float32 (lossless), float16 or
-    bfloat16 (smaller, rounds the scales). The directory is written beside `path` and moved
-    into place when complete; an existing `path` is replaced only with overwrite=True.
+    bfloat16 (smaller, rounds the scales); FP modes keep their 8-bit scales whatever it says.
+    The directory is written beside `path` and moved into place when complete; an existing
+    `path` is replaced only with overwrite=True.
     base_config: the `config.json` to write (with the quantization added), for a model that
     keeps a pretrained model's identity; default: the model's own arguments.
     """
@@ -150,7 +160,8 @@ def packed_model(model: nn.Module, scales_dtype=mx.float32) -> nn.Module:
 
 
 def bits_per_weight(model: nn.Module) -> float:
-    """Stored bits (codes + scales + biases) per weight of the quantized layers."""
+    """Stored bits (codes + scales + biases) per weight of the quantized layers: affine
+    B + 2·S/G (S the scale dtype's bits), FP modes B + 8/G (no biases); weighted by layer size."""
     stored, weights = 0, 0
     for _, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):

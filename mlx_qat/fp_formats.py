@@ -83,8 +83,11 @@ from functools import cache
 
 import mlx.core as mx
 
-# mode -> (group_size, bits, scale format)
-FP_MODES = {"mxfp4": (32, 4, "e8m0"), "nvfp4": (16, 4, "e4m3"), "mxfp8": (32, 8, "e8m0")}
+from . import constants
+
+SCALE_FORMATS = {"mxfp4": "e8m0", "nvfp4": "e4m3", "mxfp8": "e8m0"}
+# mode -> (group_size, bits, scale format); the (group_size, bits) pairs are constants.FP_MODES
+FP_MODES = {mode: (*grid, SCALE_FORMATS[mode]) for mode, grid in constants.FP_MODES.items()}
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0

@@ -1,7 +1,10 @@
 """QAT layers, the policy that gives each module its spec, and the conversions both ways.
 
 `QATLinear` and `QATEmbedding` hold the float weight W and its learned scales α and compute
-ŵ = fake_quant(W, α, spec) in every call. For an mlx-lm model:
+ŵ = fake_quant(W, α, spec) in every call. In an FP mode (spec.mode mxfp4, nvfp4 or mxfp8) they
+hold W alone and compute ŵ = fake_quant_fp(W, mode): MLX's own quantize -> dequantize, whose
+per-group scale is derived from max |w| (fp_formats.py), so there is no α to learn. For an
+mlx-lm model:
 
     specs = quant_specs(model, QuantSpec(2, 64))   # {module path: QuantSpec}
     to_qat(model, specs)                           # those modules -> QAT layers, α from W
@@ -20,6 +23,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from .fakequant import fake_quant
+from .fp_formats import fake_quant_fp_ste
 from .quantizers import QuantSpec, affine_grid, codes, default_embedding_bits, init_scale, scaled
 
 SCALE = "alpha"  # the parameter name of a QAT layer's learned scales
@@ -54,8 +58,17 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return words.astype(np.uint32)
 
 
-def quantized_tensors(weight: mx.array, alpha: mx.array, spec: QuantSpec, scales_dtype=mx.float32):
-    """(packed weight, scales, biases, group_size) of the learned grid, in MLX's layout."""
+def quantized_tensors(weight: mx.array, alpha: Optional[mx.array], spec: QuantSpec, scales_dtype=mx.float32):
+    """(packed weight, scales, biases, group_size) of the learned grid, in MLX's layout.
+
+    FP modes: `mx.quantize(W, G, B, mode)` itself (biases None, uint8 scales, `scales_dtype`
+    unused), which dequantizes to fake_quant_fp(W) bit for bit. It runs on the CPU stream
+    because that is the implementation fake_quant_fp reproduces (GPU kernels may round ties
+    differently)."""
+    if spec.is_fp:
+        w = weight.astype(mx.float32)
+        packed, scales = mx.quantize(w, spec.group_size, spec.bits, mode=spec.mode, stream=mx.cpu)
+        return packed, scales, None, spec.group_size
     group_size = spec.export_group_size(weight.shape[1])
     if spec.group_size is None:  # per-channel: the same α for every group of the row
         alpha = mx.repeat(alpha, weight.shape[1] // group_size, axis=1)
@@ -70,21 +83,52 @@ def _learned_grid(layer: nn.Module, group_size, bits, mode, quantize_input) -> T
     """(group_size, bits) of a QAT layer's packed grid, after checking a request against it."""
     grid = (layer.spec.export_group_size(layer.weight.shape[1]), layer.spec.storage_bits)
     asked = (grid[0] if group_size is None else group_size, grid[1] if bits is None else bits)
-    if mode != "affine" or quantize_input or asked != grid:
+    if mode not in (None, layer.spec.mode) or quantize_input or asked != grid:
         raise ValueError(
-            f"this {type(layer).__name__} ({layer.spec}) packs only onto the grid it learned: mode='affine', "
+            f"this {type(layer).__name__} ({layer.spec}) packs only onto the grid it learned: mode={layer.spec.mode!r}, "
             f"group_size={grid[0]}, bits={grid[1]}; asked for mode={mode!r}, group_size={group_size}, "
             f"bits={bits}, quantize_input={quantize_input}. A QAT layer's grid is fixed by training: call "
-            "to_quantized() without them (or nn.quantize(model) without group_size/bits), or train with "
-            "another QuantSpec"
+            f"to_quantized() without them (or nn.quantize(model, mode={layer.spec.mode!r}) without group_size/bits), "
+            "or train with another QuantSpec"
         )
     return grid
+
+
+def _packed(layer: nn.Module, scales_dtype) -> dict:
+    """The packed arrays a QAT layer's MLX counterpart holds: weight and scales, and biases (affine only)."""
+    weight, scales, biases, _ = quantized_tensors(layer.weight, layer.get("alpha"), layer.spec, scales_dtype)
+    if layer.spec.is_fp:
+        return {"weight": weight, "scales": scales}
+    return {"weight": weight, "scales": scales, "biases": biases}
+
+
+def _fake_quantized(layer: nn.Module) -> mx.array:
+    """ŵ of a QAT layer: fake_quant(W, α) on the learned grid, or in an FP mode fake_quant_fp(W)
+    with its straight-through gradient (computed in float32, the precision it matches MLX in;
+    its values are exact in bfloat16 too, so casting back loses nothing)."""
+    if layer.spec.is_fp:
+        w = layer.weight
+        return fake_quant_fp_ste(w.astype(mx.float32), layer.spec.mode).astype(w.dtype)
+    return fake_quant(layer.weight, layer.alpha, layer.spec)
+
+
+def _init_scale(layer: nn.Module) -> None:
+    """α from the layer's weight; an FP mode has none (its scale is derived in every call), so
+    only the weight's fit to the fixed group size is checked."""
+    if layer.spec.is_fp:
+        layer.spec.group_size_for(layer.weight.shape[1])
+    else:
+        layer.alpha = init_scale(layer.weight, layer.spec)
 
 
 class QATLinear(nn.Module):
     """y = x ŵᵀ + b with ŵ = fake_quant(W, α, spec): a Linear trained on a low-bit grid.
 
     W [out, in] stays in full precision; α [out, in / group_size] is learned with it.
+    In an FP mode there is no α: ŵ = fake_quant_fp(W, mode), the group scale derived from
+    amax = max |w| over the group as MLX derives it (mxfp4/mxfp8: the E8M0 power of two
+    2^ceil(log2(amax / maxval)); nvfp4: the E4M3 number nearest amax / 6), so training sees
+    exactly the grid that `mx.quantize` stores at export.
     """
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True, spec: QuantSpec = QuantSpec()):
@@ -94,7 +138,7 @@ class QATLinear(nn.Module):
         if bias:
             self.bias = mx.zeros((output_dims,))
         self.spec = spec
-        self.alpha = init_scale(self.weight, spec)
+        _init_scale(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QATLinear":
@@ -104,25 +148,24 @@ class QATLinear(nn.Module):
         layer.weight = linear.weight
         if "bias" in linear:
             layer.bias = linear.bias
-        layer.alpha = init_scale(linear.weight, spec)
+        _init_scale(layer)
         return layer
 
     def quantized_weight(self) -> mx.array:
-        return fake_quant(self.weight, self.alpha, self.spec)
+        return _fake_quantized(self)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = x @ self.quantized_weight().T
         return y + self.bias if "bias" in self else y
 
-    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine",
+    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: Optional[str] = None,
                      quantize_input: bool = False, *, scales_dtype=mx.float32) -> nn.QuantizedLinear:
         """The packed `nn.QuantizedLinear` on the learned grid: `mx.dequantize` of it equals ŵ
-        exactly with float32 scales. group_size and bits may only restate that grid."""
+        exactly (affine: with float32 scales). group_size, bits and mode may only restate that grid."""
         group_size, bits = _learned_grid(self, group_size, bits, mode, quantize_input)
-        weight, scales, biases, _ = quantized_tensors(self.weight, self.alpha, self.spec, scales_dtype)
         output_dims, input_dims = self.weight.shape
-        layer = nn.QuantizedLinear(input_dims, output_dims, "bias" in self, group_size, bits)
-        layer.update({"weight": weight, "scales": scales, "biases": biases})
+        layer = nn.QuantizedLinear(input_dims, output_dims, "bias" in self, group_size, bits, mode=self.spec.mode)
+        layer.update(_packed(self, scales_dtype))
         if "bias" in self:
             layer.bias = self.bias
         return layer
@@ -132,7 +175,8 @@ class QATLinear(nn.Module):
 
 
 class QATEmbedding(nn.Module):
-    """Token embedding looked up from ŵ = fake_quant(W, α, spec); `as_linear` is the tied head.
+    """Token embedding looked up from ŵ = fake_quant(W, α, spec) (in an FP mode, fake_quant_fp(W):
+    no α, as in QATLinear); `as_linear` is the tied head.
 
     Each call computes ŵ afresh: the module keeps no state between the lookup and the head."""
 
@@ -140,18 +184,18 @@ class QATEmbedding(nn.Module):
         super().__init__()
         self.weight = mx.random.normal((num_embeddings, dims)) * (1 / dims) ** 0.5
         self.spec = spec
-        self.alpha = init_scale(self.weight, spec)
+        _init_scale(self)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> "QATEmbedding":
         """The QAT form of `embedding`: its weight, α initialised from it."""
         layer = cls(*embedding.weight.shape, spec=spec)
         layer.weight = embedding.weight
-        layer.alpha = init_scale(embedding.weight, spec)
+        _init_scale(layer)
         return layer
 
     def quantized_weight(self) -> mx.array:
-        return fake_quant(self.weight, self.alpha, self.spec)
+        return _fake_quantized(self)
 
     def __call__(self, ids: mx.array) -> mx.array:
         return self.quantized_weight()[ids]
@@ -161,13 +205,12 @@ class QATEmbedding(nn.Module):
         # matmul) instead of per-call state that goes stale.
         return x @ self.quantized_weight().T
 
-    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine",
+    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: Optional[str] = None,
                      quantize_input: bool = False, *, scales_dtype=mx.float32) -> nn.QuantizedEmbedding:
         """The packed `nn.QuantizedEmbedding` on the learned grid (see `QATLinear.to_quantized`)."""
         group_size, bits = _learned_grid(self, group_size, bits, mode, quantize_input)
-        weight, scales, biases, _ = quantized_tensors(self.weight, self.alpha, self.spec, scales_dtype)
-        layer = nn.QuantizedEmbedding(*self.weight.shape, group_size, bits)
-        layer.update({"weight": weight, "scales": scales, "biases": biases})
+        layer = nn.QuantizedEmbedding(*self.weight.shape, group_size, bits, mode=self.spec.mode)
+        layer.update(_packed(self, scales_dtype))
         return layer
 
     def _extra_repr(self) -> str:
@@ -193,12 +236,12 @@ def quant_specs(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[Quan
     Every nn.Linear inside the transformer blocks (`model.layers`, as mlx-lm models expose
     them) gets `spec`; every nn.Embedding (the token embedding, and with it a tied LM head) and
     an untied `lm_head` get `embedding_spec`, by default max(B, 4) bits at the same group size
-    (`default_embedding_bits`). Norms and all else stay in full precision. A ValueError names
-    a module it cannot place: a QAT or already quantized layer, or an nn.Linear outside the
-    blocks other than `lm_head`.
+    and mode (`default_embedding_bits`; in an FP mode that is the mode itself, B being 4 or 8).
+    Norms and all else stay in full precision. A ValueError names a module it cannot place: a
+    QAT or already quantized layer, or an nn.Linear outside the blocks other than `lm_head`.
     """
     if embedding_spec is None:
-        embedding_spec = QuantSpec(default_embedding_bits(spec.bits), spec.group_size)
+        embedding_spec = QuantSpec(default_embedding_bits(spec.bits), spec.group_size, spec.mode)
     blocks = getattr(model, "layers", None)
     if not blocks:
         raise ValueError(f"quant_specs finds the transformer blocks at model.layers, as mlx-lm models expose them; "
@@ -258,6 +301,7 @@ def qat_specs(model: nn.Module) -> Dict[str, QuantSpec]:
 def to_quantized(model: nn.Module, scales_dtype=mx.float32) -> nn.Module:
     """The inverse of `to_qat`: every QAT layer -> MLX's packed layer on its learned grid
     (`QuantizedLinear` / `QuantizedEmbedding`), in place; return `model`. Lossless with
-    float32 scales; float16/bfloat16 scales round them."""
+    float32 scales; float16/bfloat16 scales round them (affine; FP modes store their 8-bit
+    scales, always lossless)."""
     nn.quantize(model, class_predicate=lambda _, m: isinstance(m, QAT_LAYERS) and {"scales_dtype": scales_dtype})
     return model

@@ -5,6 +5,12 @@
     python -m mlx_qat.plan ... --json
 
 Everything here is numpy/scipy: it runs where MLX does not.
+
+B is the weight's element bits, and S_total = D_total / (N · B/8) counts those alone: the
+integer path's scales and biases (e.g. 2 × 32 bits per group of 64) are not in it, and neither
+are the FP modes' 8-bit group scales. So an FP-mode run plans with B = 4 (mxfp4, nvfp4) or
+B = 8 (mxfp8), the `bits` its config resolves to; the stored bits per weight (mxfp4 4.25,
+nvfp4 4.5, mxfp8 8.25) are what summary.json's bits_per_weight reports.
 """
 
 import argparse

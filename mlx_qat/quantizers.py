@@ -21,6 +21,10 @@ gradient scale s = 1/sqrt(numel(W)·Qp) for every kind.
 Each kind is one `Quantizer` description (BINARY, TERNARY, SEQ, LSQ). The MLX-ops reference
 below calls its methods; the CPU, Metal and CUDA kernels receive its `kernel_id` (the KIND
 constant of kernels/fake_quant.h) and its clip levels. Nothing else tells the kinds apart.
+
+A QuantSpec may instead name one of MLX's floating-point modes (mxfp4, nvfp4, mxfp8; see
+fp_formats.py): its grid is fixed by the format and its scale derived from each group's max |w|
+exactly as `mx.quantize` derives it, so an FP-mode spec has no learned α and no Quantizer.
 """
 
 import math
@@ -29,7 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-from .constants import BITS, GROUP_SIZES
+from .constants import BITS, FP_MODES, GROUP_SIZES, MODES
 
 CLIP = 0.99  # the clip edge of ternary and SEQ 2-bit
 MIN_SCALE = 1e-5
@@ -166,18 +170,28 @@ class QuantSpec:
 
     bits: 1 (binary), 1.58 (ternary), 2 (SEQ) or 3, 4, 5, 6, 8 (LSQ).
     group_size: 32, 64 or 128 consecutive inputs share a scale; None = per output channel.
+    mode: "affine" (the integer grids above, learned α) or an FP mode, whose (group_size, bits)
+    is fixed: mxfp4 (32, 4), nvfp4 (16, 4), mxfp8 (32, 8), e.g. QuantSpec(4, 32, "mxfp4").
     """
 
     bits: float = 4
     group_size: Optional[int] = 64
+    mode: str = "affine"
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; use one of {', '.join(MODES)}")
+        if self.is_fp and (self.group_size, self.bits) != FP_MODES[self.mode]:
+            group_size, bits = FP_MODES[self.mode]
+            raise ValueError(f"mode={self.mode!r} stores {bits}-bit elements in groups of {group_size}; got "
+                             f"bits={self.bits!r}, group_size={self.group_size!r}: use QuantSpec({bits}, {group_size}, "
+                             f"{self.mode!r})")
         if isinstance(self.bits, bool) or self.bits not in BITS:
             raise ValueError(
                 f"bits={self.bits!r} is not supported; use one of {', '.join(map(str, BITS))} "
                 "(1.58 = ternary)"
             )
-        if self.group_size is not None and (
+        if not self.is_fp and self.group_size is not None and (  # an FP mode's group size is checked above
             isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES
         ):
             raise ValueError(
@@ -186,12 +200,19 @@ class QuantSpec:
             )
 
     @property
+    def is_fp(self) -> bool:
+        """True for an FP mode (mxfp4, nvfp4, mxfp8): fixed grid, derived scales, no α."""
+        return self.mode != "affine"
+
+    @property
     def quantizer(self) -> Quantizer:
+        if self.is_fp:  # a bug in the caller: FP modes go through fp_formats, not the integer kinds
+            raise ValueError(f"{self} has no integer Quantizer: its grid is MLX's {self.mode} format (fp_formats)")
         return next(q for q in QUANTIZERS if self.bits in q.bits)
 
     @property
     def kind(self) -> str:
-        return self.quantizer.name
+        return self.mode if self.is_fp else self.quantizer.name
 
     @property
     def storage_bits(self) -> int:
@@ -211,6 +232,9 @@ class QuantSpec:
         """The number of inputs sharing one scale, checked against the matrix width."""
         if self.group_size is None:
             return in_features
+        if in_features % self.group_size and self.is_fp:
+            raise ValueError(f"{self.mode} groups {self.group_size} inputs, which does not divide the {in_features} "
+                             "inputs of this weight; keep this module out of the specs, or use mode='affine'")
         if in_features % self.group_size:
             raise ValueError(
                 f"group_size={self.group_size} does not divide the {in_features} inputs of this "
@@ -233,19 +257,22 @@ class QuantSpec:
         )
 
     def to_dict(self) -> dict:
-        """{"bits": ..., "group_size": ...}: JSON-ready, read back by `from_dict`."""
-        return {"bits": self.bits, "group_size": self.group_size}
+        """{"bits": ..., "group_size": ...} (and "mode" unless affine, so that affine specs read
+        as they always have): JSON-ready, read back by `from_dict`."""
+        mode = {"mode": self.mode} if self.is_fp else {}
+        return {"bits": self.bits, "group_size": self.group_size, **mode}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
-        unknown = set(data) - {"bits", "group_size"}
+        unknown = set(data) - {"bits", "group_size", "mode"}
         if unknown or "bits" not in data:
-            raise ValueError(f"a QuantSpec is {{'bits': ..., 'group_size': ...}}; got {data!r}")
-        return cls(data["bits"], data.get("group_size"))
+            raise ValueError(f"a QuantSpec is {{'bits': ..., 'group_size': ..., 'mode': ...}}; got {data!r}")
+        return cls(data["bits"], data.get("group_size"), data.get("mode", "affine"))
 
     def __str__(self) -> str:
         granularity = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.bits}-bit/{granularity}"
+        grid = f"{self.bits}-bit/{granularity}"
+        return f"{self.mode} ({grid})" if self.is_fp else grid
 
 
 def specs_to_dict(specs: Dict[str, QuantSpec]) -> Dict[str, dict]:

@@ -35,7 +35,13 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
             segment: Optional[Tuple[int, float]] = None) -> dict:
     """The run's figures. `train_seconds` covers the whole run; `segment`, for a resumed one, is
     (the step its last process resumed at, that process's seconds). The rate is the median of
-    the reports of every process: a resumed run's metrics hold its earlier ones."""
+    the reports of every process: a resumed run's metrics hold its earlier ones.
+
+    B is the QAT weight bits (the element bits, 4 or 8, in an FP mode), the B of S_total;
+    bits_per_weight is what the export stores per quantized weight, its scales (and affine
+    biases) included: affine B + 2·32/G with float32 scale and bias per group of G, FP modes
+    B + 8/G (one 8-bit scale per group: mxfp4 4.25, nvfp4 4.5, mxfp8 8.25), averaged over the
+    blocks and the embedding."""
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     return {
         "pretrained": cfg.pretrained,
@@ -46,6 +52,7 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
         "D_total": plan.total_tokens,
         "B": cfg.bits if plan.qat_steps else None,
         "group_size": cfg.group_size,
+        "mode": cfg.mode,
         "S_total": plan.s_total,
         "qat_fraction": plan.qat_fraction,
         "schedule": cfg.schedule,
@@ -95,7 +102,7 @@ def format_summary(s: dict) -> str:
     rows = start + [
         ("params N", f"{s['N']:,}"),
         ("D_fp / D_qat", f"{s['D_fp']:,} / {s['D_qat']:,} tokens"),
-        ("bits B", fmt(s["B"])),
+        ("bits B", fmt(s["B"]) + (f" ({s['mode']})" if s["B"] and s.get("mode", "affine") != "affine" else "")),
         ("S_total", f"{s['S_total']:.1f} tokens per parameter byte"),
         ("QAT fraction f", f"{s['qat_fraction']:.3f} ({s['schedule']})"),
         ("val loss, end of FP", fmt(s["fp_val_loss"], ".4f")),

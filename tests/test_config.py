@@ -60,6 +60,7 @@ BAD = [
     ("weight_decay", "abc", None), ("weight_decay", -0.1, None),
     ("beta1", 1, None), ("beta1", -0.1, None), ("beta1", "abc", None), ("beta2", 1.0, None), ("beta2", "x", None),
     ("grad_clip", -1, None), ("grad_clip", "abc", None),
+    ("mode", "int4", None), ("mode", 4, None), ("mode", "mxfp4", "bits=2 cannot be used"),
     ("bits", 7, None), ("bits", "abc", None), ("bits", True, None),
     ("group_size", 48, None), ("group_size", "abc", None), ("group_size", 64.5, None),
     ("embedding_bits", 7, None), ("embedding_bits", "abc", None),
@@ -277,7 +278,7 @@ def test_scales_dtype_names_match_the_export():
 # (and report_to, project_name: where losses are also sent, which a resumed run may change).
 RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at", "grad_checkpoint",
                      "report_to", "project_name"}
-BRANCH_KEYS = {"total_tokens", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
+BRANCH_KEYS = {"total_tokens", "mode", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
                "cooldown_tokens", "qat_warmup", "qat_cooldown", "qat_warmup_tokens", "qat_cooldown_tokens",
                "keep_optimizer_state", "export_scales", "snapshot_at"}
 PRETRAINED_DEFAULTS = {"qat_fraction": 1.0, "warmup": 0.02, "qat_warmup": 0.02, "learning_rate": 1e-4}
