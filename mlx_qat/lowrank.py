@@ -1,0 +1,242 @@
+"""Low-rank QAT of a pretrained model: LoRA's memory, trained on the grid the export writes.
+
+A LoRA-style update is merged into the weight *before* it is fake-quantized:
+
+    W  = float32(W0) + s · (A B)ᵀ             A = lora_a [in, r], B = lora_b [r, out], s = scale
+    ŵ  = fake_quant(W, α, spec)               the project's op: same quantizers, kernels and STE
+    y  = x ŵᵀ (+ b)
+
+W0 is the frozen pretrained weight, stored in its own 16-bit dtype; W and ŵ exist only inside
+the forward. Trainable are A, B and the learned scales α of the merged weight (initialised from
+W0, since B = 0 at init). The gradient reaches A and B through the straight-through estimator:
+G = dL/dW = g·pass(W / α) (`quantizers.straight_through`), dA = s·Gᵀ Bᵀ, dB = s·Aᵀ Gᵀ.
+
+Memory: stored are W0 (16-bit), A, B, α and the optimizer state of those three (float32), where
+full QAT stores float32 W with its gradient and two AdamW moments. The float32 W and ŵ of each
+layer are transient, but autodiff keeps them until the backward pass reaches the layer:
+recomputing each block in the backward (gradient checkpointing) bounds that to one block.
+
+Why merge before quantizing: the exported model is pack(W0 + s(AB)ᵀ, α), so this is the model the
+training loss was measured on. Plain LoRA on a quantized base followed by `mlx_lm.fuse`
+re-quantizes W0 + ΔW on a grid (min/max per group) that the model never saw in training.
+
+    specs = quant_specs(model, QuantSpec(2, 64))             # model loaded in bfloat16
+    to_lowrank_qat(model, specs, rank=8, scale=20.0, num_layers=16)
+    ... train model.trainable_parameters() ...
+    save_adapter(model, "adapter")                           # optional: the float LoRA view
+    export(merge(model), "out", tokenizer)                   # packed on the learned grid
+
+Every fake-quant here runs on float32(W): a 16-bit W would round ŵ to 16 bits, off the grid
+the export stores (float32 scale·code + bias). The layers outside the low-rank ones
+(`FrozenQATLinear`, `FrozenQATEmbedding`) are the ordinary QAT layers with that one change.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .fakequant import fake_quant
+from .fp_formats import fake_quant_fp_ste
+from .layers import SCALE, QATEmbedding, QATLinear
+from .quantizers import QuantSpec, init_scale
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")  # mlx-lm's parameter names
+TRAINABLE = (*ADAPTER_LEAVES, SCALE)
+
+
+def _fake_quant32(w: mx.array, alpha: Optional[mx.array], spec: QuantSpec) -> mx.array:
+    """ŵ of float32(w): the learned affine grid, or an FP mode's derived one (no α)."""
+    w = w.astype(mx.float32)
+    return fake_quant_fp_ste(w, spec.mode) if spec.is_fp else fake_quant(w, alpha, spec)
+
+
+class FrozenQATLinear(QATLinear):
+    """A QATLinear over a frozen 16-bit base weight: ŵ = fake_quant(float32(W), α), so its
+    output is on the export's float32 grid while W stays 16-bit in memory."""
+
+    def quantized_weight(self) -> mx.array:
+        return _fake_quant32(self.weight, self.get(SCALE), self.spec)
+
+
+class FrozenQATEmbedding(QATEmbedding):
+    """A QATEmbedding over a frozen 16-bit base weight (see FrozenQATLinear)."""
+
+    def quantized_weight(self) -> mx.array:
+        return _fake_quant32(self.weight, self.get(SCALE), self.spec)
+
+
+class LowRankQATLinear(nn.Module):
+    """y = x ŵᵀ + b, ŵ = fake_quant(float32(W0) + s·(A B)ᵀ, α, spec) (see the module docstring).
+
+    weight: W0 [out, in], frozen, in its own dtype. lora_a [in, r] ~ U(±1/√in), lora_b [r, out] = 0,
+    scale s: as mlx-lm's LoRALinear. α [out, in / group] = init_scale(W0) (none in an FP mode).
+
+    dropout p (training only) acts on the low-rank path's input, as in LoRA, by a correction that
+    is zero in eval: y += s·((drop(x) − x) A) B. To first order (STE) the update then sees drop(x)
+    and W0 sees x, as in LoRA's y = x W0ᵀ + s·drop(x) A B, while ŵ itself stays the merged grid.
+    """
+
+    def __init__(self, weight: mx.array, spec: QuantSpec, rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
+                 bias: Optional[mx.array] = None):
+        super().__init__()
+        output_dims, input_dims = weight.shape
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+        self.spec = spec
+        self.scale = scale
+        self.dropout = dropout
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
+        self.lora_b = mx.zeros((rank, output_dims))
+        if spec.is_fp:
+            spec.group_size_for(input_dims)  # an FP mode's scale is derived in every call; check the fit
+        else:
+            self.alpha = init_scale(self.merged_weight(), spec)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, rank: int = 8, scale: float = 20.0,
+                    dropout: float = 0.0) -> "LowRankQATLinear":
+        return cls(linear.weight, spec, rank, scale, dropout, linear.get("bias"))
+
+    def merged_weight(self) -> mx.array:
+        """W = float32(W0) + s·(A B)ᵀ [out, in], float32; computed, never stored."""
+        return self.weight.astype(mx.float32) + self.scale * (self.lora_a @ self.lora_b).T
+
+    def quantized_weight(self) -> mx.array:
+        return _fake_quant32(self.merged_weight(), self.get(SCALE), self.spec)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.quantized_weight().T
+        if self.training and self.dropout > 0:
+            keep = mx.random.bernoulli(1 - self.dropout, x.shape)
+            y = y + self.scale * (((x * (keep / (1 - self.dropout) - 1)) @ self.lora_a) @ self.lora_b)
+        return y + self.bias if "bias" in self else y
+
+    def _extra_repr(self) -> str:
+        (output_dims, input_dims), rank = self.weight.shape, self.lora_a.shape[1]
+        return f"{input_dims}, {output_dims}, rank={rank}, scale={self.scale}, dropout={self.dropout}, {self.spec}"
+
+
+def _block_paths(model: nn.Module) -> List[str]:
+    """The module path of each transformer block, in order (e.g. "model.layers.0")."""
+    path_of = {id(m): p for p, m in model.named_modules()}
+    return [path_of[id(block)] for block in model.layers]
+
+
+def to_lowrank_qat(model: nn.Module, specs: Dict[str, QuantSpec], rank: int, scale: float, dropout: float = 0.0,
+                   keys: Optional[List[str]] = None, num_layers: Optional[int] = None) -> nn.Module:
+    """Put a pretrained model in low-rank QAT form, in place; return it.
+
+    As mlx-lm's `linear_to_lora_layers`: in the last `num_layers` blocks (all when None) each
+    nn.Linear whose block-relative path is in `keys` (e.g. "self_attn.q_proj"; default: every
+    Linear) becomes a LowRankQATLinear with its spec from `specs` (`layers.quant_specs`). Every
+    other module in `specs` (earlier blocks, other keys, the embedding / tied head) becomes a
+    frozen QAT layer on its grid. Then the whole model is frozen but lora_a, lora_b and α:
+    base weights, biases and norms get no gradient and no optimizer state.
+    """
+    blocks = _block_paths(model)
+    n = len(blocks) if num_layers is None else num_layers
+    if not 1 <= n <= len(blocks):
+        raise ValueError(f"num_layers={num_layers}: the model has {len(blocks)} blocks; use 1..{len(blocks)} "
+                         "or None (all)")
+    modules = dict(model.named_modules())
+    lowrank, found = set(), set()
+    for block in blocks[len(blocks) - n:]:
+        for path, m in modules.items():
+            key = path[len(block) + 1:]
+            if path.startswith(block + ".") and (key in keys if keys is not None else isinstance(m, nn.Linear)):
+                if not isinstance(m, nn.Linear):
+                    raise ValueError(f"{path} is a {type(m).__name__}; low-rank QAT adapts nn.Linear modules only")
+                lowrank.add(path)
+                found.add(key)
+    if keys is not None and set(keys) - found:
+        raise ValueError(f"keys {sorted(set(keys) - found)} name no module in the last {n} blocks")
+    if lowrank - set(specs):
+        raise ValueError(f"{sorted(lowrank - set(specs))} have no QuantSpec in `specs` (see layers.quant_specs)")
+
+    converted = []
+    for path, spec in specs.items():
+        m = modules.get(path)
+        try:
+            if path in lowrank:
+                converted.append((path, LowRankQATLinear.from_linear(m, spec, rank, scale, dropout)))
+            elif type(m) is nn.Linear:
+                converted.append((path, FrozenQATLinear.from_linear(m, spec)))
+            elif type(m) is nn.Embedding:
+                converted.append((path, FrozenQATEmbedding.from_embedding(m, spec)))
+            else:
+                found = "no such module" if m is None else f"a {type(m).__name__}"
+                raise ValueError(f"is {found}; a spec applies to an nn.Linear or nn.Embedding")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+    model.update_modules(tree_unflatten(converted))
+    model.freeze()
+    model.unfreeze(keys=list(TRAINABLE))
+    return model
+
+
+def lowrank_layers(model: nn.Module) -> Dict[str, LowRankQATLinear]:
+    return {p: m for p, m in model.named_modules() if isinstance(m, LowRankQATLinear)}
+
+
+def merged(layer: LowRankQATLinear) -> QATLinear:
+    """The plain QATLinear of a low-rank layer: weight W = float32(W0) + s·(A B)ᵀ, the learned α,
+    same spec and bias. Its ŵ is the low-rank layer's bit for bit, and export packs it losslessly."""
+    output_dims, input_dims = layer.weight.shape
+    plain = QATLinear(input_dims, output_dims, bias="bias" in layer, spec=layer.spec)
+    plain.weight = layer.merged_weight()
+    if "bias" in layer:
+        plain.bias = layer.bias
+    if SCALE in layer:
+        plain.alpha = layer.alpha
+    return plain
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every LowRankQATLinear by `merged(layer)`, in place; return the model, ready for
+    `export.export`. The merged weights are float32: merge for export, not for training."""
+    model.update_modules(tree_unflatten([(p, merged(m)) for p, m in lowrank_layers(model).items()]))
+    return model
+
+
+def adapter_weights(model: nn.Module) -> Dict[str, mx.array]:
+    """{path.lora_a / path.lora_b: array}: mlx-lm's adapters.safetensors keys."""
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """adapter_config.json for `mlx_lm.tuner.utils.load_adapters`: the low-rank layers' block-relative
+    keys, the number of trailing blocks that hold them, and their (uniform) rank, scale, dropout.
+
+    Loaded onto the float base, the adapter is plain LoRA: x W0ᵀ + s·x A B, unquantized. The
+    quantized model is `export(merge(model))`; fusing this adapter into a quantized base would
+    re-quantize on another grid (see the module docstring)."""
+    layers = lowrank_layers(model)
+    if not layers:
+        raise ValueError("the model has no LowRankQATLinear layers; convert it with to_lowrank_qat first")
+    blocks = _block_paths(model)
+    first, keys = len(blocks), set()
+    for path in layers:
+        i = next(i for i, b in enumerate(blocks) if path.startswith(b + "."))
+        first, keys = min(first, i), keys | {path[len(blocks[i]) + 1:]}
+    params = {(m.lora_a.shape[1], m.scale, m.dropout) for m in layers.values()}
+    if len(params) != 1:
+        raise ValueError(f"mlx-lm's adapter config holds one (rank, scale, dropout); the layers have {sorted(params)}")
+    rank, scale, dropout = params.pop()
+    return {"fine_tune_type": "lora", "num_layers": len(blocks) - first,
+            "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": sorted(keys)}}
+
+
+def save_adapter(model: nn.Module, path) -> Path:
+    """Write adapters.safetensors and adapter_config.json, as `mlx_lm.tuner.utils.load_adapters` reads them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "adapters.safetensors"), adapter_weights(model))
+    (path / "adapter_config.json").write_text(json.dumps(adapter_config(model), indent=2))
+    return path
