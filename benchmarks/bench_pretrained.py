@@ -35,7 +35,7 @@ times; cross-entropy QAT may also learn its style, while distillation, like DWQ,
 reference model's distribution: the like-for-like comparison with DWQ.
 
 A smoke check: --budget-tokens 64 --batch-size 1 --seq-len 32 --bits 4 --timing-steps 1
---out /tmp/pretrained.json.
+--out smoke.json.
 """
 
 import argparse

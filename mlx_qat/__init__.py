@@ -2,7 +2,7 @@
 
 Importing the package loads nothing heavy: the optimized BLAS is loaded just before MLX is first
 imported (see blas.py), and the QAT names below are imported on first use, so the planning
-modules (law, fit, plan) run with numpy and scipy alone.
+modules (scaling_law, fit, plan) run with numpy and scipy alone.
 """
 
 import importlib

@@ -74,3 +74,12 @@ def directory(path: Path, overwrite: bool = True, keep_previous: bool = False) -
     _sync_entries(path.parent)
     if not keep_previous:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Move `path` to `<path>.corrupt` (replacing an earlier one there): out of the way of what
+    reads or rotates it, kept for a look."""
+    aside = Path(path).with_name(f"{Path(path).name}.corrupt")
+    shutil.rmtree(aside, ignore_errors=True)
+    Path(path).rename(aside)
+    return aside

@@ -266,8 +266,6 @@ class TrainConfig:
                                  "make the sum <= 1")
         if self.total_tokens < self.tokens_per_step:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one step of {self.tokens_per_step} tokens")
-        if self.qat_fraction != "auto":  # N only matters to `auto`; then the check waits for the model
-            make_schedule(self, plan_run(self, n_params=0))
         if self.snapshot_at and self.snapshot_at[-1] > self.total_tokens:
             raise ValueError(f"snapshot_at={self.snapshot_at} goes past total_tokens={self.total_tokens}; "
                              "use token counts <= total_tokens")
@@ -377,12 +375,24 @@ def default(key: str):
 
 
 def resolve(values: dict) -> TrainConfig:
-    """The config of `values` (the keys the user set): a pretrained start takes PRETRAINED_DEFAULTS
-    for the keys it leaves unset, and an FP mode its MODE_DEFAULTS (mxfp4: bits 4, group_size 32)."""
+    """The config of a new run from `values` (the keys the user set): a pretrained start takes
+    PRETRAINED_DEFAULTS for the keys it leaves unset, and an FP mode its MODE_DEFAULTS (mxfp4:
+    bits 4, group_size 32); its schedule's phases must be whole (check_phases)."""
     start = PRETRAINED_DEFAULTS if values.get("pretrained") is not None else {}
     mode = values.get("mode")
     by_mode = MODE_DEFAULTS.get(mode, {}) if isinstance(mode, str) else {}
-    return TrainConfig(**{**start, **by_mode, **values})
+    cfg = TrainConfig(**{**start, **by_mode, **values})
+    check_phases(cfg)
+    return cfg
+
+
+def check_phases(cfg: TrainConfig) -> None:
+    """Refuse a new run whose schedule phases cannot be whole (ScheduleError, a ValueError), before
+    any data is read. Only here, where a run is accepted: a saved config (a checkpoint's, to
+    export it) is read as it was. With qat_fraction auto, N decides the split, so the check waits
+    for the model."""
+    if cfg.qat_fraction != "auto":
+        make_schedule(cfg, plan_run(cfg, n_params=0))
 
 
 def load(path: Optional[Path] = None, overrides: Optional[dict] = None) -> TrainConfig:

@@ -97,13 +97,17 @@ def read_results(*paths: Path, schedule: Optional[str] = None, fp_anchors: bool 
     FP-only run of that (N, D) is recorded)."""
     files = list(dict.fromkeys(f.resolve() for path in paths for f in results_files(path)))  # each file once
     records = [r for f in files for r in _read_records(f)]
-    rows = [(n, d_fp, d_qat, b, loss, d_fp + d_qat, False) for n, d_fp, d_qat, b, loss, _, kind in records
+    modes = sorted({mode for _, _, _, b, *_, mode in records if np.isfinite(b)})
+    if len(modes) > 1:
+        raise FitError(f"{', '.join(map(str, paths))} mix the quantization modes {', '.join(modes)}, which the law does "
+                       "not tell apart; fit the results of one mode at a time")
+    rows = [(n, d_fp, d_qat, b, loss, d_fp + d_qat, False) for n, d_fp, d_qat, b, loss, _, kind, _ in records
             if schedule is None or not np.isfinite(b) or kind in (None, schedule)]
     if not any(np.isfinite(row[3]) for row in rows) and schedule is not None:
         rows = []
     if rows and fp_anchors:
         seen = {(n, d_fp + d_qat) for n, d_fp, d_qat, b, *_ in records if not np.isfinite(b)}
-        for n, d_fp, d_qat, b, _, fp_loss, _ in records:
+        for n, d_fp, d_qat, b, _, fp_loss, *_ in records:
             if fp_loss is not None and (n, d_fp) not in seen:
                 seen.add((n, d_fp))
                 rows.append((n, d_fp, 0.0, np.nan, fp_loss, d_fp + d_qat, True))
@@ -113,8 +117,8 @@ def read_results(*paths: Path, schedule: Optional[str] = None, fp_anchors: bool 
 
 
 def _read_records(path: Path) -> List[tuple]:
-    """(N, D_fp, D_qat, B, loss, FP loss at a separate run's switch or None, schedule or None)
-    per record; every problem names the line and the fix."""
+    """(N, D_fp, D_qat, B, loss, FP loss at a separate run's switch or None, schedule or None,
+    quantization mode) per record; every problem names the line and the fix."""
     if not path.exists():
         raise FitError(f"{path} does not exist")
     rows = []
@@ -146,7 +150,8 @@ def _read_records(path: Path) -> List[tuple]:
         fp_loss = record.get("fp_val_loss") if qat and record.get("schedule") == "separate" else None
         if fp_loss is not None and not (isinstance(fp_loss, (int, float)) and math.isfinite(fp_loss) and fp_loss > 0):
             raise FitError(f"{path}:{i}: fp_val_loss must be a positive number or null")
-        rows.append((n, d_fp, d_qat, float(b) if qat else np.nan, loss, fp_loss, record.get("schedule")))
+        mode = record.get("mode") or (record.get("config") or {}).get("mode") or "affine"
+        rows.append((n, d_fp, d_qat, float(b) if qat else np.nan, loss, fp_loss, record.get("schedule"), mode))
     return rows
 
 

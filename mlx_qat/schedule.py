@@ -74,8 +74,10 @@ class Schedule:
             for end in ("warmup", "cooldown"):
                 if not 0 <= getattr(shape, end) <= 1:
                     raise ScheduleError(f"{prefix}{end}={getattr(shape, end)} must be a fraction of its phase, in [0, 1]")
+        if self.fp_tokens + self.qat_tokens <= 0:
+            raise ScheduleError("a run needs at least one step of tokens; raise total_tokens")
         for phase, start, length, warmup, cooldown in self.phases():
-            if warmup + cooldown > length:
+            if warmup + cooldown > length * (1 + 1e-9):  # fractions that sum to 1 may round above it
                 raise ScheduleError(self._too_short(phase, length, warmup, cooldown))
 
     def _too_short(self, phase: str, length: int, warmup: float, cooldown: float) -> str:

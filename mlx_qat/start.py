@@ -19,7 +19,7 @@ from typing import Dict, Iterator, Optional
 
 import mlx.core as mx
 
-from . import checkpoint, config, distributed, monitor, pretrained, report
+from . import atomic, checkpoint, config, distributed, monitor, pretrained, report
 from . import model as models
 from .layers import quant_specs
 
@@ -94,8 +94,8 @@ def resume_point(out: Path, cfg: config.TrainConfig, writer: bool) -> Path:
     passed over, and said so on stderr."""
     if not out.is_dir():
         raise StartError(f"{out} does not exist, so there is no run to resume; drop --resume to start one there")
-    corrupt = []
-    path = checkpoint.find(out, lambda _, e: corrupt.append(e))
+    corrupt, corrupt_paths = [], []
+    path = checkpoint.find(out, lambda p, e: (corrupt.append(e), corrupt_paths.append(p)))
     if path is None and corrupt:
         raise checkpoint.CheckpointError(f"no checkpoint in {out} reads back whole ({corrupt[0]}); start the run "
                                          f"again with a new --out, or delete {out}")
@@ -107,13 +107,18 @@ def resume_point(out: Path, cfg: config.TrainConfig, writer: bool) -> Path:
     if writer and corrupt:
         for e in corrupt:
             print(f"warning: passing over a corrupt checkpoint: {e}", file=sys.stderr)
+        for p in corrupt_paths:  # out of the rolling pair, so that the next save keeps the good one as the previous
+            if p.parent == out and p.name in (checkpoint.NAME, atomic.previous(out / checkpoint.NAME).name):
+                atomic.set_aside(p)
         print(f"resuming from {path} (step {checkpoint.read_meta(path)['step']})", file=sys.stderr)
     return path
 
 
 def check_same_run(cfg: config.TrainConfig, saved: dict, out: Path) -> None:
     """A resumed run keeps its config, but for the keys that change none of its numbers."""
-    saved = {k: saved.get(k, config.default(k)) for k in config.FIELDS}  # keys newer than the run: their defaults
+    start = config.PRETRAINED_DEFAULTS if saved.get("pretrained") is not None else {}
+    # keys newer than the run: the defaults its start would have given them
+    saved = {k: saved[k] if k in saved else start.get(k, config.default(k)) for k in config.FIELDS}
     changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if saved[k] != v and k not in config.RESUME_MAY_CHANGE}
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())

@@ -42,6 +42,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -167,9 +168,7 @@ def _runs(points: List[Tuple[str, dict]]) -> List[Run]:
             runs.append(Run(name, _config(values, name)))
         except SweepError as e:
             refused.append(str(e))
-    if refused:
-        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
-        raise SweepError(f"{len(refused)} runs of the grid are refused: {'; '.join(refused[:3])}{more}")
+    refuse(refused)
     return runs
 
 
@@ -197,6 +196,25 @@ def branch_point(cfg: config.TrainConfig, plan: RunPlan) -> int:
         return 0
     _, _, length, _, cooldown = next(make_schedule(cfg, plan).phases())
     return int((length - cooldown) // plan.tokens_per_step) * plan.tokens_per_step
+
+
+def check_schedules(runs: List[Run], n_params: Dict[str, int]) -> None:
+    """Refuse the sweep, naming every run whose phases cannot be whole once N is known (the runs
+    with qat_fraction auto, whose split depends on it)."""
+    refused = []
+    for r in runs:
+        try:
+            make_schedule(r.cfg, plan_run(r.cfg, n_params[trunk_key(r.cfg)]))
+        except ValueError as e:
+            refused.append(f"run {r.name}: {e}")
+    refuse(refused)
+
+
+def refuse(refused: List[str]) -> None:
+    """One SweepError naming the refused runs (the first three, and how many more)."""
+    if refused:
+        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+        raise SweepError(f"{len(refused)} runs of the grid are refused: {'; '.join(refused[:3])}{more}")
 
 
 def attach_trunks(runs: List[Run], n_params: Dict[str, int]) -> List[Trunk]:
@@ -250,6 +268,7 @@ class Sweep:
             raise SweepError(f"{path}: two runs of the grid have the same name")
         first_of_trunk = {trunk_key(r.cfg): r.cfg for r in reversed(runs)}  # one model built per trunk
         self.n_params = {key: count_params(cfg) for key, cfg in first_of_trunk.items()}
+        check_schedules(runs, self.n_params)
         trunks = attach_trunks(runs, self.n_params)
         alone = [r for r in runs if r.trunk is None]
         self.all_runs = runs
@@ -324,7 +343,7 @@ def merge_results(results_dir: Path) -> Path:
 
 
 def result_record(run: Run, summary: dict) -> dict:
-    keys = ("N", "D_fp", "D_qat", "B", "group_size", "schedule", "qat_fraction", "S_total", "final_val_loss",
+    keys = ("N", "D_fp", "D_qat", "B", "mode", "group_size", "schedule", "qat_fraction", "S_total", "final_val_loss",
             "fp_val_loss", "exported_val_loss", "tokens_per_s")
     return {"name": run.name, **{k: summary[k] for k in keys}, "wall_seconds": summary["train_seconds"],
             "branch_tokens": run.branch_tokens, "trunk": run.trunk, "versions": versions(), "config": run.cfg.to_dict()}
@@ -433,22 +452,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     if group.size() > 1 and args.shard != (0, 1):
         parser.exit(2, "error: --shard and mlx.launch both split the sweep; use one of them\n")
     shard_spec = (group.rank(), group.size()) if group.size() > 1 else args.shard
-    try:
-        sweep = Sweep(args.config, args.out, shard_spec, args.results_dir)
+    writer = distributed.is_writer(group)
+    open_sweep = partial(Sweep, args.config, args.out, shard_spec, args.results_dir)
+    try:  # every step is taken together: a rank that fails stops them all, none is left waiting
+        first = distributed.together(group, lambda: open_sweep() if writer else None)  # rank 0 prepares the data
+        sweep = distributed.together(group, lambda: first or open_sweep())
         done = sweep.finished()
         left = tokens_left(sweep, done)
         configs = {trunk_key(r.cfg): r.cfg for r in sweep.runs}
-        rates = {k: measure_rate(replace(configs[k], qat_fraction=0.0)) for k in left}
+        rates = distributed.together(group, lambda: {k: measure_rate(replace(configs[k], qat_fraction=0.0)) for k in left})
         print(format_plan(sweep, done, left, rates))
         if args.dry_run:
             return
-        figures = run_sweep(sweep)
-    except (SweepError, ValueError, FileNotFoundError, StartError, DivergenceError, checkpoint.CheckpointError) as e:
+        figures = distributed.together(group, run_sweep, sweep)
+    except (SweepError, ValueError, FileNotFoundError, StartError, DivergenceError, checkpoint.CheckpointError,
+            distributed.RankError) as e:
         parser.exit(2, f"error: {e}\n")
-    if group.size() > 1:
-        distributed.all_sum(1, group).item()  # every rank is done before rank 0 merges
-        if distributed.is_writer(group):
-            print(f"merged the {group.size()} ranks' results into {merge_results(sweep.results_path.parent)}")
+    if group.size() > 1 and writer:  # every rank is done: `together` waited for them
+        print(f"merged the {group.size()} ranks' results into {merge_results(sweep.results_path.parent)}")
     print(f"finished {figures['runs_finished']}/{figures['runs_total']} runs; trained {figures['tokens_trained']:,} "
           f"tokens vs {figures['tokens_independent']:,} independently; {figures['wall_seconds'] / 3600:.2f} h; "
           f"results in {sweep.results_path}")

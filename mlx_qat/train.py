@@ -191,6 +191,7 @@ def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor
     summary = report.summary(plan, records, final_loss, exported_loss, exported, clock.total(), cfg, peak_memory, segment)
     summary.update(compared)
     report.write_summary(out, summary)  # last: its presence marks the run finished
+    shutil.rmtree(atomic.previous(out / checkpoint.NAME), ignore_errors=True)  # a finished run needs no fallback
     return summary
 
 
@@ -248,7 +249,9 @@ def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = N
     if checkpoint.find(out, lambda _, e: corrupt.append(e)) is not None:
         return run(cfg, out, resume=True, show_progress=show_progress, alone=alone)
     if corrupt:
-        print(f"warning: no checkpoint in {out} reads back whole ({corrupt[0]}); starting the run again", file=sys.stderr)
+        aside = atomic.set_aside(out)
+        print(f"warning: no checkpoint in {out} reads back whole ({corrupt[0]}); starting the run again (the old "
+              f"directory is kept as {aside})", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)  # nothing to keep
     return run(cfg, out, init_from=init_from, show_progress=show_progress, alone=alone)
 

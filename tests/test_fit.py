@@ -293,3 +293,15 @@ def test_held_out_error_of_a_well_specified_law_is_small():
     assert h["loss_mae"] < 0.02
     truth = [plan.optimal_fraction(BASE, g["N"], g["D_total"], g["B"])[0] for g in h["groups"]]
     assert max(abs(g["law_fraction"] - t) for g, t in zip(h["groups"], truth)) < 0.1  # extrapolated to the largest D
+
+
+def test_results_of_two_quantization_modes_are_not_fitted_together(tmp_path):
+    rows = [dict(N=1e6, D_fp=8e6, D_qat=2e6, B=4, final_val_loss=3.0, schedule="separate"),
+            dict(N=1e6, D_fp=8e6, D_qat=2e6, B=4, mode="mxfp4", final_val_loss=3.1, schedule="separate"),
+            dict(N=1e6, D_fp=1e7, D_qat=0, B=None, final_val_loss=2.8)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(results.FitError, match="mix the quantization modes affine, mxfp4"):
+        results.read_results(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    assert list(results.read_results(path).loss) == [3.1, 2.8]

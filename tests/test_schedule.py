@@ -111,8 +111,21 @@ def test_a_fused_fp_phase_needs_room_for_its_warmup_only():
 
 def test_a_run_whose_phase_cannot_be_whole_is_refused_before_any_data(tmp_path):
     with pytest.raises(ValueError, match="the FP phase .* too short .* qat_fraction lower"):
-        config.TrainConfig(data=str(tmp_path / "absent"), total_tokens=100 * 1024, batch_size=8, seq_len=128,
-                           qat_fraction=0.9, warmup_tokens=20_480)
+        config.resolve(dict(data=str(tmp_path / "absent"), total_tokens=100 * 1024, batch_size=8, seq_len=128,
+                            qat_fraction=0.9, warmup_tokens=20_480))
+
+
+def test_a_saved_config_is_read_as_it_was():
+    """A checkpoint of a run the schedule now refuses can still be read (to export it)."""
+    saved = dict(total_tokens=100 * 1024, batch_size=8, seq_len=128, qat_fraction=0.9, warmup_tokens=20_480)
+    assert config.TrainConfig(**saved).warmup_tokens == 20_480
+
+
+def test_fractions_that_sum_to_one_are_whole_at_every_length():
+    for length in (13_312, 1000, 7, 123_457):
+        Schedule(PEAK, length, length, "separate", Shape(0.1, 0.9), Shape(0.3, 0.7))
+    with pytest.raises(ScheduleError, match="at least one step"):
+        Schedule(PEAK, 0, 0)
 
 
 # The grid below is the shape of a sweep: 1,024 tokens a step, an FP warmup of 10 steps shared by every run.

@@ -211,3 +211,14 @@ def test_a_sweep_resumes_from_its_results_alone(dataset, tmp_path, monkeypatch):
     assert names[:2] == first and sorted(names) == sorted(r.name for r in sweep.Sweep(path, tmp_path / "x").runs)
     assert trained[0].startswith("trunk_") and set(trained[1:]) == set(names[2:])  # the trunk again, then the rest
     assert figures["runs_finished"] == 5 and json.loads((committed / "sweep.json").read_text())["runs_finished"] == 5
+
+
+def test_runs_whose_split_depends_on_n_are_checked_once_n_is_known(dataset, tmp_path):
+    """qat_fraction auto: the schedule check waits for N, then names every refused run."""
+    path = write_sweep(tmp_path, dataset, {"seed": [0, 1]}, fp_baselines=False, qat_fraction="auto",
+                       total_tokens=400 * 128, warmup_tokens=399 * 128)
+    base, grid, fp = sweep.read_sweep(path)
+    runs = sweep.expand(base, grid, fp)  # nothing to refuse before N is known
+    n_params = {sweep.trunk_key(r.cfg): 1_000 for r in runs}  # S_total = 204.8: f = 0.28, an FP phase of 288 steps
+    with pytest.raises(sweep.SweepError, match="2 runs of the grid are refused: run seed-0: the FP phase"):
+        sweep.check_schedules(runs, n_params)

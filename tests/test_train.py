@@ -267,6 +267,9 @@ def test_resume_passes_over_a_corrupt_checkpoint_to_the_one_before(dataset, tmp_
     train.run(cfg, tmp_path / "cut", resume=True, show_progress=False)
     err = capsys.readouterr().err
     assert str(tmp_path / "cut" / "checkpoint") in err and "corrupt" in err and "step 10" in err
+    # the corrupt one was set aside, out of the rolling pair, so no later save kept it as the fallback;
+    # the finished run keeps its final checkpoint only
+    assert (tmp_path / "cut" / "checkpoint.corrupt").is_dir() and not (tmp_path / "cut" / "checkpoint.old").exists()
     whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
     assert sorted(cut) == list(range(1, 41))
     np.testing.assert_allclose([cut[s] for s in range(11, 41)], [whole[s] for s in range(11, 41)], rtol=0, atol=1e-5)
