@@ -7,6 +7,9 @@ errors that suggest the nearest valid key.
 
 `resolve` fills the keys the user left unset from the start's defaults: a pretrained start's
 PRETRAINED_DEFAULTS, and an FP `mode`'s own bits and group_size (MODE_DEFAULTS).
+
+This module is longer than the others because it is the catalogue: every key is declared once
+here, with its type, default, check, help text and roles; splitting it would split that list.
 """
 
 import argparse
@@ -15,7 +18,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get_origin
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 
@@ -27,6 +30,12 @@ from .schedule import SCHEDULES, make_schedule, plan_run
 
 LOSSES = ("ce", "distill")
 COMPARISONS = ("dwq",)
+FINE_TUNE_TYPES = ("full", "lora")
+LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}  # mlx-lm's (keys: every Linear of a block)
+
+
+class Refused(ValueError):
+    """A bad value whose message is already the whole line (a key with parts names the part)."""
 
 
 # ---------------------------------------------------------------- coercion by declared type
@@ -93,6 +102,42 @@ def _fraction_or_auto(value):
 def _token_counts(value):
     counts = [] if value is None else _coercer(List[int])(value)
     return sorted(set(counts))
+
+
+def _lora_parameters(value):
+    """mlx-lm's lora_parameters mapping, completed with its defaults (null: all defaults); each
+    part checked, a bad one named as lora_parameters.PART."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise TypeError(value)
+    for name in value:
+        if name not in LORA_DEFAULTS:
+            near = difflib.get_close_matches(str(name), LORA_DEFAULTS, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"its keys are {', '.join(LORA_DEFAULTS)}"
+            raise Refused(f"unknown key {name!r} in lora_parameters; {hint}")
+    parts = {**LORA_DEFAULTS, **value}
+
+    def part(name, coerce, valid, need):
+        try:
+            new = coerce(parts[name])
+            ok = valid(new)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise Refused(f"lora_parameters.{name}={parts[name]!r} must be {need}")
+        return new
+
+    keys = parts["keys"]
+    return {
+        "rank": part("rank", _as_int, positive, "a positive integer, e.g. 8"),
+        "scale": part("scale", _as_float, positive, "a positive number, e.g. 20.0"),
+        "dropout": part("dropout", _as_float, below_one, "a number in [0, 1), e.g. 0.0"),
+        "keys": None if keys is None else part(
+            "keys", _coercer(List[str]), lambda v: bool(v) and all(v) and len(set(v)) == len(v),
+            "null (every nn.Linear of the adapted blocks) or a list of distinct block-relative module paths, e.g. "
+            "[self_attn.q_proj, self_attn.v_proj]"),
+    }
 
 
 def key(default, help: str, need: str, valid: Optional[Callable] = None, coerce: Optional[Callable] = None, *,
@@ -189,6 +234,21 @@ class TrainConfig:
                                           branch=True, pretrained_default=1.0)
     keep_optimizer_state: bool = key(True, "keep the weights' Adam state across the FP->QAT switch", "true or false",
                                      branch=True)
+    # low-rank QAT of a pretrained model (mlx_qat.lowrank), in mlx-lm's vocabulary. lora: the
+    # pretrained weights stay frozen in their 16-bit dtype; lora_a, lora_b and α train, the
+    # merged weight fake-quantized in every forward; checkpoints hold only what trains.
+    fine_tune_type: str = key("full", "full (every weight trains, float32 master weights) or lora (needs pretrained: "
+                              "the base frozen in 16 bits, low-rank adapters and α learned through the quantizer of the "
+                              "merged weight)", f"one of {', '.join(FINE_TUNE_TYPES)}", lambda v: v in FINE_TUNE_TYPES,
+                              section="low-rank")
+    lora_parameters: Dict[str, Any] = key(lambda: dict(LORA_DEFAULTS), "lora: the adapters' rank, scale, dropout and "
+                                          "keys (block-relative paths such as self_attn.q_proj; null: every nn.Linear "
+                                          "of the adapted blocks), as mlx-lm's; unset parts take these defaults",
+                                          "a mapping of rank, scale, dropout and keys, e.g. {rank: 8, scale: 20.0}",
+                                          coerce=_lora_parameters)
+    num_layers: Optional[int] = key(None, "lora: adapt the last num_layers transformer blocks (null: all); the other "
+                                    "blocks' weights are frozen, their α learns", "null (all blocks) or a positive "
+                                    "integer, e.g. 16", positive)
     # the training loss (validation is always next-token cross-entropy)
     loss: str = key("ce", "ce (next-token cross-entropy) or distill (KL to the frozen starting model; needs pretrained)",
                     f"one of {', '.join(LOSSES)}", lambda v: v in LOSSES, section="loss")
@@ -275,10 +335,14 @@ class TrainConfig:
                              f"{self.tokens_per_step} tokens")
         if self.pretrained is None:
             self._check_model()  # with a pretrained start, the model is the pretrained one
-            needs = [k for k, v in (("loss: distill", self.loss == "distill"), ("compare", self.compare)) if v]
+            needs = [(k, why) for k, why, v in (
+                ("fine_tune_type: lora", "the starting model is the frozen base", self.fine_tune_type == "lora"),
+                ("loss: distill", "the starting model is the teacher", self.loss == "distill"),
+                ("compare", "the starting model is the baseline", self.compare)) if v]
             if needs:
-                raise ValueError(f"{needs[0]} needs a pretrained start (the starting model is the teacher/baseline): "
-                                 "pass --init-from MODEL, or drop it")
+                raise ValueError(f"{needs[0][0]} needs a pretrained start ({needs[0][1]}): pass --init-from MODEL, "
+                                 "or drop it")
+        self._check_fine_tune_type()
 
     def _check_fp_mode(self) -> None:
         """An FP mode stores one (group size, element bits): a bits, group_size or embedding_bits
@@ -298,6 +362,25 @@ class TrainConfig:
             raise ValueError(f"mode={self.mode} stores its own 8-bit scales, so export_scales={self.export_scales} "
                              "cannot be used: leave export_scales unset, or use mode: affine")
 
+    def _check_fine_tune_type(self) -> None:
+        """What low-rank QAT cannot do (yet), each refused in one line."""
+        if self.fine_tune_type == "full":
+            if self.num_layers is not None:
+                raise ValueError(f"num_layers={self.num_layers} chooses the blocks that fine_tune_type: lora adapts; "
+                                 "full QAT trains every block: drop num_layers, or set fine_tune_type: lora")
+            return
+        if self.loss == "distill":
+            raise ValueError("loss: distill with fine_tune_type: lora is not supported yet (the teacher would be the "
+                             "frozen base): use loss: ce, or fine_tune_type: full")
+        if self.qat_fraction != 1:
+            raise ValueError(f"qat_fraction={self.qat_fraction!r} cannot be used with fine_tune_type: lora, which is "
+                             "QAT from token 0 (the base stays frozen: there is no FP phase): leave qat_fraction unset "
+                             "(a pretrained start's 1) or set it to 1")
+        if self.lora_parameters["dropout"] > 0 and self.grad_checkpoint:
+            raise ValueError(f"lora_parameters.dropout={self.lora_parameters['dropout']} with grad_checkpoint: true is "
+                             "not supported: a recomputed block draws other dropout masks in the backward pass than "
+                             "in the forward; set dropout 0 or grad_checkpoint false")
+
     def _check_model(self) -> None:
         from .model import model_args  # mlx_lm is slow to import; only a real config needs it
 
@@ -315,6 +398,11 @@ class TrainConfig:
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.mode)
+
+    @property
+    def lora_arguments(self) -> dict:
+        """The keyword arguments of `lowrank.to_lowrank_qat`: rank, scale, dropout, keys, num_layers."""
+        return {**self.lora_parameters, "num_layers": self.num_layers}
 
     @property
     def embedding_spec(self) -> QuantSpec:
@@ -346,6 +434,8 @@ def _checked(f: dataclasses.Field, value):
     try:
         new = coerce(value)
         ok = new is None or valid(new)
+    except Refused:
+        raise
     except (TypeError, ValueError):
         ok = False
     if not ok:

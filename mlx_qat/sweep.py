@@ -33,6 +33,9 @@ each rank takes its shard by itself (rank i of n, every run trained by one rank 
 parallel), and when all are done rank 0 merges the shards into one results.jsonl:
 
     mlx.launch --hostfile hosts.json python -m mlx_qat.sweep --config sweep.yaml --out DIR
+
+One module holds the grid, its trunks, the sweep directory and the command, because each step
+(expansion, branch points, sharding, resume) reads the same Run and Trunk records.
 """
 
 import argparse

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mlx_qat import blas_threads, fit, plan, results, synthetic
+from mlx_qat import blas_threads, fit, optimize, plan, results, synthetic
 from mlx_qat import scaling_law
 from mlx_qat.scaling_law import PARAMS, Law
 
@@ -34,7 +34,7 @@ def fraction_errors(truth: Law, law: Law, points) -> np.ndarray:
 
 def fit_objective(law: Law, runs: results.Runs, delta: float) -> float:
     X, mask = scaling_law.design(runs.n, runs.d_fp, runs.d_qat, runs.bits)
-    return fit.objective(law.to_vector(), X, mask, np.log(runs.loss), np.ones(len(runs)), delta)[0]
+    return optimize.objective(law.to_vector(), X, mask, np.log(runs.loss), np.ones(len(runs)), delta)[0]
 
 
 # ---------------------------------------------------------------- recovery
@@ -104,7 +104,7 @@ def test_bootstrap_intervals_cover_the_fit():
     assert "10 of 10 resamples converged" in result.report()
 
 
-@pytest.mark.parametrize("effort", [fit.Effort(maxiter=2, ftol=1e-10), fit.Effort(seconds=0.0, ftol=1e-10)],
+@pytest.mark.parametrize("effort", [optimize.Effort(maxiter=2, ftol=1e-10), optimize.Effort(seconds=0.0, ftol=1e-10)],
                          ids=["iterations", "seconds"])
 def test_a_resample_past_its_bounds_is_counted_not_waited_on(monkeypatch, effort):
     monkeypatch.setattr(fit, "RESAMPLE", effort)
@@ -118,7 +118,7 @@ def test_a_resample_past_its_bounds_is_counted_not_waited_on(monkeypatch, effort
 
 def test_workers_give_the_same_intervals():
     runs = synthetic.synthetic_runs(BASE, np.random.default_rng(4), **SMALL)
-    p, best = fit.fit_vector(runs, fit.starts(runs), delta=None)
+    p, best = optimize.fit_vector(runs, optimize.starts(runs), delta=None)
     alone = fit.bootstrap_fits(runs, p, 3, seed=1, delta=best.delta)
     pooled = fit.bootstrap_fits(runs, p, 3, seed=1, workers=2, delta=best.delta)
     assert alone[1] == pooled[1] == 0
@@ -141,7 +141,7 @@ def test_huber_delta_follows_the_noise():
     assert 1.345 * 0.015 < result.huber_delta < 1.345 * 0.025  # 1.345 σ for σ = 2%
     assert fit.fit(runs, bootstrap=0, huber_delta=1e-3).huber_delta == 1e-3
     quiet = synthetic.synthetic_runs(BASE, np.random.default_rng(5), noise=0.0, **SMALL)
-    assert fit.fit(quiet, bootstrap=0).huber_delta == fit.HUBER_DELTA  # never below the floor
+    assert fit.fit(quiet, bootstrap=0).huber_delta == optimize.HUBER_DELTA  # never below the floor
 
 
 # ---------------------------------------------------------------- inputs
@@ -248,9 +248,9 @@ def test_read_results_keeps_one_schedule(tmp_path):
 
 
 def test_parameters_at_a_bound_are_reported():
-    law = Law(**{**BASE.as_dict(), "nu": fit.BOUNDS["nu"][1], "lam": 2.5e15, "kappa": 0.0})
-    assert fit.at_bounds(law) == {"kappa": "lower", "lam": "upper", "nu": "upper"}
-    assert fit.at_bounds(BASE) == {}
+    law = Law(**{**BASE.as_dict(), "nu": optimize.BOUNDS["nu"][1], "lam": 2.5e15, "kappa": 0.0})
+    assert optimize.at_bounds(law) == {"kappa": "lower", "lam": "upper", "nu": "upper"}
+    assert optimize.at_bounds(BASE) == {}
 
 
 def test_a_fit_whose_data_pins_a_term_to_its_bound_says_so():
