@@ -3,8 +3,11 @@
 A checkpoint directory holds the weights (with α in QAT form), the optimizer state, the run's
 metrics up to that point, and meta.json: the step and token count, the phase, the train config,
 the model's `config.json` dict and the quantization spec of every QAT module, so that
-`load_model` rebuilds the right model by itself. The train step draws no random numbers and
-batch k is a pure function of (seed, k), so the step is the whole random state of a run.
+`load_model` rebuilds the right model by itself. A low-rank QAT run (fine_tune_type: lora) keeps
+only what trains (lora_a, lora_b, α; meta "weights": "trainable"): its frozen base is read
+again from the config's `pretrained`. Batch k is a pure function of (seed, k), and the train
+step draws no random numbers but a low-rank run's adapter dropout, seeded from (seed, k) too, so
+the step is the whole random state of a run.
 
 A run keeps one rolling checkpoint (`checkpoint/`, for --resume), the one before it
 (`checkpoint.old/`), and named snapshots at chosen token counts (`snapshots/<tokens>/`, for
@@ -24,13 +27,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import atomic, model as models
+from . import atomic, lowrank, model as models
 from .layers import qat_specs, to_qat
 from .quantizers import QuantSpec, specs_from_dict, specs_to_dict
 
 NAME = "checkpoint"
 SNAPSHOTS = "snapshots"
 WEIGHTS = ("model.safetensors", "optimizer.safetensors")
+TRAINABLE = "trainable"  # meta["weights"] of a checkpoint that holds only what trains (a low-rank run's)
 
 
 class CheckpointError(RuntimeError):
@@ -47,14 +51,17 @@ def save(path: Path, model: nn.Module, optimizer: optim.Optimizer, meta: dict, m
     description and the files' digests added. `metrics` (a metrics.jsonl) is copied in as it is
     now. The one at `path` is replaced only by a checkpoint that reads back whole; with
     `keep_previous` it stays beside it (`atomic.previous(path)`) for --resume to fall back on."""
+    low_rank = bool(lowrank.lowrank_layers(model))
     meta = {
         **meta,
         "model_config": models.config_dict(model),
-        "qat_specs": specs_to_dict(qat_specs(model)),
+        "qat_specs": specs_to_dict(lowrank.lowrank_specs(model) if low_rank else qat_specs(model)),
+        **({"weights": TRAINABLE} if low_rank else {}),
     }
+    weights = lowrank.trainable_weights(model) if low_rank else dict(tree_flatten(model.parameters()))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.directory(path, keep_previous=keep_previous) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         if metrics is not None and metrics.exists():
             shutil.copy(metrics, tmp / metrics.name)
@@ -138,10 +145,10 @@ def specs(meta: dict) -> Dict[str, QuantSpec]:
 
 def restore(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> None:
     """Load weights and optimizer state into a model of the checkpoint's form (its meta is read
-    by the caller, which chose that form). The optimizer's state is replaced in place, so a step
-    compiled over it stays valid."""
+    by the caller, which chose that form; a low-rank one gets only its trainables). The
+    optimizer's state is replaced in place, so a step compiled over it stays valid."""
     try:
-        model.load_weights(str(path / "model.safetensors"), strict=True)
+        _load_weights(path, model)
         state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     except (ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot restore {path} ({e}); the checkpoint is corrupt or from another model") from e
@@ -151,9 +158,25 @@ def restore(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> None:
     optimizer.init(model.trainable_parameters())  # marks it initialised; every entry is there
 
 
+def _load_weights(path: Path, model: nn.Module) -> None:
+    """The checkpoint's weights into `model`: every one (strict), or a low-rank model's trainables."""
+    if lowrank.lowrank_layers(model):
+        lowrank.load_trainable(model, mx.load(str(Path(path) / "model.safetensors")))
+    else:
+        model.load_weights(str(Path(path) / "model.safetensors"), strict=True)
+
+
+def holds_trainables_only(meta: dict) -> bool:
+    """Whether a checkpoint holds only what trains (a low-rank QAT run's), its base elsewhere."""
+    return meta.get("weights") == TRAINABLE
+
+
 def load_model(path: Path) -> Tuple[nn.Module, dict]:
-    """(model, meta): the checkpoint's model rebuilt from its own description, weights loaded."""
+    """(model, meta): the checkpoint's model rebuilt from its own description, weights loaded.
+    A low-rank run's comes back in its low-rank form, its base read from the config's `pretrained`."""
     meta = read_meta(path)
+    if holds_trainables_only(meta):
+        return _load_lowrank(path, meta), meta
     model = models.from_config(meta["model_config"])
     try:
         weights = mx.load(str(Path(path) / "model.safetensors"))
@@ -165,3 +188,23 @@ def load_model(path: Path) -> Tuple[nn.Module, dict]:
     except (ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot load {path} ({e}); the checkpoint is corrupt") from e
     return model, meta
+
+
+def _load_lowrank(path: Path, meta: dict) -> nn.Module:
+    from . import pretrained  # transformers and gguf: imported where a base is read
+    from .config import TrainConfig  # the saved config, read as it was
+
+    cfg = TrainConfig(**meta["config"])
+    try:
+        model = pretrained.load(cfg.pretrained, dtype=None).model  # the frozen base, in its 16-bit dtype
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path} holds a low-rank run's adapters and scales, whose base {cfg.pretrained} "
+                              f"does not load ({e})") from e
+    if models.config_dict(model) != meta["model_config"]:
+        raise CheckpointError(f"{path} was trained on another model than {cfg.pretrained} holds now")
+    try:
+        lowrank.to_lowrank_qat(model, specs(meta), **cfg.lora_arguments)
+        _load_weights(path, model)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"cannot load {path} ({e}); the checkpoint is corrupt") from e
+    return model

@@ -16,15 +16,20 @@ def loss_fn(model: nn.Module, batch: mx.array) -> mx.array:
 
 def evaluate(model: nn.Module, batches: Iterable[np.ndarray], group: Optional[mx.distributed.Group] = None) -> float:
     """Mean next-token cross-entropy over the batches; with a group of ranks, each rank takes
-    its rows of every batch and the sums are reduced, so every rank gets the same figure."""
-    total, count = 0.0, 0
-    for b in batches:
-        if group is not None:
-            b = distributed.rows(b, group)
-        if len(b):
-            b = mx.array(b)
-            total += mx.fast.cross_entropy(model(b[:, :-1]), b[:, 1:]).sum().item()
-            count += b.shape[0] * (b.shape[1] - 1)
+    its rows of every batch and the sums are reduced, so every rank gets the same figure.
+    The model is in eval mode meanwhile (no dropout), and back in its own mode after."""
+    total, count, training = 0.0, 0, model.training
+    model.eval()
+    try:
+        for b in batches:
+            if group is not None:
+                b = distributed.rows(b, group)
+            if len(b):
+                b = mx.array(b)
+                total += mx.fast.cross_entropy(model(b[:, :-1]), b[:, 1:]).sum().item()
+                count += b.shape[0] * (b.shape[1] - 1)
+    finally:
+        model.train(training)
     if group is not None and group.size() > 1:
         total, count = distributed.all_sum([total, count], group).tolist()
     return total / count

@@ -38,6 +38,7 @@ from . import atomic, checkpoint, constants, data, pretrained
 from .config import TrainConfig
 from .model import config_dict
 from .layers import qat_specs, to_qat, to_quantized
+from .lowrank import merge
 
 SCALES_DTYPES = {name: getattr(mx, name) for name in constants.SCALES_DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -174,7 +175,9 @@ def export_run(model: nn.Module, phase: str, path: Union[str, Path], cfg: TrainC
                data_dir: Optional[Path] = None, tokenizer=None, scales_dtype: str = "float32",
                overwrite: bool = False) -> ExportReport:
     """A run's model, as the run ends or from one of its checkpoints, as an mlx-lm directory:
-    packed (`export`) if its `phase` is "qat", float (`export_fp`) if "fp".
+    packed (`export`) if its `phase` is "qat", float (`export_fp`) if "fp". A model in low-rank
+    QAT form is merged first, in place (`lowrank.merge`: the same fake-quant weights, packed
+    losslessly on the grid it trained on).
 
     From a pretrained start (cfg.pretrained; `start` is that model where the caller has it
     loaded) the export keeps the model's config.json (architecture, rope, eos ids). `tokenizer`
@@ -185,6 +188,7 @@ def export_run(model: nn.Module, phase: str, path: Union[str, Path], cfg: TrainC
     if tokenizer is None:
         tokenizer = start.tokenizer if start is not None else (data_dir or data.load(cfg).path)
     base = pretrained.export_config(start, model) if start is not None else None
+    merge(model)  # a low-rank model's layers become plain QAT layers (no-op otherwise)
     if phase == "qat":
         return export(model, path, tokenizer, scales_dtype, overwrite, base)
     return export_fp(model, path, tokenizer, overwrite, base)

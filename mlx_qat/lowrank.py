@@ -26,6 +26,10 @@ re-quantizes W0 + ΔW on a grid (min/max per group) that the model never saw in 
     save_adapter(model, "adapter")                           # optional: the float LoRA view
     export(merge(model), "out", tokenizer)                   # packed on the learned grid
 
+A run does all this with `fine_tune_type: lora` (mlx_qat.train.switch_to_qat; checkpoints of
+the trainables alone; the export of `merge(model)` and `save_adapter` at the end; see
+docs/PRETRAINED.md, "Low-rank QAT").
+
 Every fake-quant here runs on float32(W): a 16-bit W would round ŵ to 16 bits, off the grid
 the export stores (float32 scale·code + bias). The layers outside the low-rank ones
 (`FrozenQATLinear`, `FrozenQATEmbedding`) are the ordinary QAT layers with that one change.
@@ -129,6 +133,34 @@ def _block_paths(model: nn.Module) -> List[str]:
     return [path_of[id(block)] for block in model.layers]
 
 
+def lowrank_paths(model: nn.Module, keys: Optional[List[str]] = None, num_layers: Optional[int] = None) -> List[str]:
+    """The module paths `to_lowrank_qat` makes low-rank: in the last `num_layers` blocks (all when
+    None), each nn.Linear whose block-relative path is in `keys` (default: every one). A ValueError
+    names a num_layers the model lacks, a key that names no module there or a module that is no
+    nn.Linear. Reads only the model's structure, so a lazily loaded model is checked unread."""
+    blocks = _block_paths(model)
+    n = len(blocks) if num_layers is None else num_layers
+    if not 1 <= n <= len(blocks):
+        raise ValueError(f"num_layers={num_layers}: the model has {len(blocks)} blocks; use 1..{len(blocks)}, "
+                         "or null (all)")
+    modules = dict(model.named_modules())
+    lowrank, found = [], set()
+    for block in blocks[len(blocks) - n:]:
+        for path, m in modules.items():
+            key = path[len(block) + 1:]
+            if path.startswith(block + ".") and (key in keys if keys is not None else isinstance(m, nn.Linear)):
+                if not isinstance(m, nn.Linear):
+                    raise ValueError(f"{path} is a {type(m).__name__}; low-rank QAT adapts nn.Linear modules only")
+                lowrank.append(path)
+                found.add(key)
+    if keys is not None and set(keys) - found:
+        last = blocks[-1] + "."
+        linears = sorted(p[len(last):] for p, m in modules.items() if p.startswith(last) and isinstance(m, nn.Linear))
+        raise ValueError(f"keys {sorted(set(keys) - found)} name no module in the last {n} blocks; a block's "
+                         f"nn.Linear modules are {', '.join(linears)}")
+    return sorted(lowrank)
+
+
 def to_lowrank_qat(model: nn.Module, specs: Dict[str, QuantSpec], rank: int, scale: float, dropout: float = 0.0,
                    keys: Optional[List[str]] = None, num_layers: Optional[int] = None) -> nn.Module:
     """Put a pretrained model in low-rank QAT form, in place; return it.
@@ -140,23 +172,8 @@ def to_lowrank_qat(model: nn.Module, specs: Dict[str, QuantSpec], rank: int, sca
     frozen QAT layer on its grid. Then the whole model is frozen but lora_a, lora_b and α:
     base weights, biases and norms get no gradient and no optimizer state.
     """
-    blocks = _block_paths(model)
-    n = len(blocks) if num_layers is None else num_layers
-    if not 1 <= n <= len(blocks):
-        raise ValueError(f"num_layers={num_layers}: the model has {len(blocks)} blocks; use 1..{len(blocks)} "
-                         "or None (all)")
+    lowrank = set(lowrank_paths(model, keys, num_layers))
     modules = dict(model.named_modules())
-    lowrank, found = set(), set()
-    for block in blocks[len(blocks) - n:]:
-        for path, m in modules.items():
-            key = path[len(block) + 1:]
-            if path.startswith(block + ".") and (key in keys if keys is not None else isinstance(m, nn.Linear)):
-                if not isinstance(m, nn.Linear):
-                    raise ValueError(f"{path} is a {type(m).__name__}; low-rank QAT adapts nn.Linear modules only")
-                lowrank.add(path)
-                found.add(key)
-    if keys is not None and set(keys) - found:
-        raise ValueError(f"keys {sorted(set(keys) - found)} name no module in the last {n} blocks")
     if lowrank - set(specs):
         raise ValueError(f"{sorted(lowrank - set(specs))} have no QuantSpec in `specs` (see layers.quant_specs)")
 
@@ -185,6 +202,31 @@ def lowrank_layers(model: nn.Module) -> Dict[str, LowRankQATLinear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LowRankQATLinear)}
 
 
+def lowrank_specs(model: nn.Module) -> Dict[str, QuantSpec]:
+    """The spec of every quantized module of a low-rank QAT model, low-rank ones included:
+    `to_lowrank_qat(fresh, lowrank_specs(model), ...)` puts a fresh base in the same form."""
+    return {path: m.spec for path, m in reversed(model.named_modules()) if isinstance(m, (LowRankQATLinear, QATLinear,
+                                                                                          QATEmbedding))}
+
+
+def trainable_weights(model: nn.Module) -> Dict[str, mx.array]:
+    """{path: array} of what trains: lora_a, lora_b and α (what a checkpoint of a low-rank run holds)."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def load_trainable(model: nn.Module, weights: Dict[str, mx.array]) -> None:
+    """Load `trainable_weights` into a model in the same low-rank QAT form; a ValueError names a
+    missing, extra or misshapen entry (the frozen base is the model's own)."""
+    want = trainable_weights(model)
+    if set(weights) != set(want):
+        missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+        raise ValueError(f"the trainable weights do not match the model's (missing {missing[:3]}, extra {extra[:3]})")
+    bad = [k for k, v in weights.items() if v.shape != want[k].shape]
+    if bad:
+        raise ValueError(f"{bad[0]} has shape {weights[bad[0]].shape}, the model's is {want[bad[0]].shape}")
+    model.update(tree_unflatten(list(weights.items())))
+
+
 def merged(layer: LowRankQATLinear) -> QATLinear:
     """The plain QATLinear of a low-rank layer: weight W = float32(W0) + s·(A B)ᵀ, the learned α,
     same spec and bias. Its ŵ is the low-rank layer's bit for bit, and export packs it losslessly."""
@@ -200,8 +242,11 @@ def merged(layer: LowRankQATLinear) -> QATLinear:
 
 def merge(model: nn.Module) -> nn.Module:
     """Replace every LowRankQATLinear by `merged(layer)`, in place; return the model, ready for
-    `export.export`. The merged weights are float32: merge for export, not for training."""
-    model.update_modules(tree_unflatten([(p, merged(m)) for p, m in lowrank_layers(model).items()]))
+    `export.export`. The merged weights are float32: merge for export, not for training. A model
+    without low-rank layers is returned as it is."""
+    layers = lowrank_layers(model)
+    if layers:
+        model.update_modules(tree_unflatten([(p, merged(m)) for p, m in layers.items()]))
     return model
 
 

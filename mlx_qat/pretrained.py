@@ -15,7 +15,7 @@ before the slow read.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import gguf
 import mlx.core as mx
@@ -47,14 +47,15 @@ class Pretrained:
     source: str
 
 
-def load(path: Union[str, Path], dtype: mx.Dtype = mx.float32, lazy: bool = False) -> Pretrained:
+def load(path: Union[str, Path], dtype: Optional[mx.Dtype] = mx.float32, lazy: bool = False) -> Pretrained:
     """Load a pretrained model to start QAT from: an mlx-lm / Hugging Face model directory
     (safetensors + config.json + tokenizer files, quantized or not) or a llama `.gguf` file.
-    dtype: the float type of the weights (float32: the master weights QAT trains).
+    dtype: the float type of the weights (float32: the master weights QAT trains), or None: the
+    checkpoint's own 16-bit type (`half_dtype`), for a base that stays frozen (low-rank QAT).
     lazy: build the model and check it, but leave a directory's weights unread until they are
     first evaluated (a GGUF file is read whole either way; only its dequantization waits)."""
     path = Path(path)
-    if not mx.issubdtype(dtype, mx.floating):
+    if dtype is not None and not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"dtype={dtype}; use a float type (mx.float32, mx.bfloat16, mx.float16)")
     if path.is_file() and path.suffix == ".gguf":
         start = _load_gguf(path, dtype)
@@ -103,6 +104,7 @@ def _load_directory(path: Path, dtype: mx.Dtype) -> Pretrained:
         model, config = load_model(path, lazy=True)  # mlx-lm builds it, packed layers included; read lazily
     except FileNotFoundError:
         raise ValueError(f"{path} has a config.json but no model*.safetensors: pass a complete model directory") from None
+    dtype = dtype or half_dtype({v.dtype for _, v in tree_flatten(model.parameters())})  # lazy: the dtypes are known
     model.set_dtype(dtype)  # before dequantizing, so that packed weights dequantize in `dtype`
     dequantize_model(model)
     _check_layers(model, name)
@@ -110,6 +112,14 @@ def _load_directory(path: Path, dtype: mx.Dtype) -> Pretrained:
     _check_vocabulary(len(tokenizer), _embedding_rows(model), path)
     config = {k: v for k, v in config.items() if k not in QUANTIZATION_KEYS}
     return Pretrained(model, tokenizer, config, str(path))
+
+
+def half_dtype(dtypes) -> mx.Dtype:
+    """The 16-bit type to keep a checkpoint whose arrays have `dtypes` in: float16 if its float
+    arrays (weights, or a quantized model's scales) are float16, else bfloat16 (float32 and
+    bfloat16 checkpoints alike: bfloat16 keeps float32's range)."""
+    floats = {d for d in dtypes if mx.issubdtype(d, mx.floating)}
+    return mx.float16 if floats == {mx.float16} else mx.bfloat16
 
 
 def _architecture(config: dict, path: Path) -> str:
@@ -171,6 +181,9 @@ def _load_gguf(path: Path, dtype: mx.Dtype) -> Pretrained:
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     names = {translate_weight_names(k): k for k, _ in tree_flatten(model.parameters())}
+    if dtype is None:  # a GGUF's blocks are scaled in float16: F16 and the quantized types alike
+        kind = _value(metadata, "general.file_type", path, -1)
+        dtype = mx.bfloat16 if kind in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_BF16) else mx.float16
     weights = _float_tensors(path, tensors, metadata, dtype)
     unknown = sorted(set(weights) - set(names))
     if unknown:

@@ -27,6 +27,12 @@ class Metrics:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+# What a low-rank run's summary says of its adapter (written to <out>/adapter beside the export).
+ADAPTER_NOTE = ("the adapter alone, for mlx-lm's float base; mlx_lm.fuse onto a quantized base would re-quantize "
+                "W0 + BA round-to-nearest on a grid the model never trained on, where model/ is packed on the grid it "
+                "trained on")
+
+
 def _event_loss(records: List[dict], event: str) -> Optional[float]:
     return next((r["val_loss"] for r in records if r.get("event") == event), None)
 
@@ -45,6 +51,7 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     return {
         "pretrained": cfg.pretrained,
+        "fine_tune_type": cfg.fine_tune_type,
         "loss": cfg.loss,
         "N": plan.n_params,
         "D_fp": plan.fp_tokens,
@@ -92,6 +99,8 @@ def format_summary(s: dict) -> str:
     start = [("started from", s["pretrained"])] if s.get("pretrained") else []
     if s.get("loss") == "distill":
         start.append(("training loss", "distillation from the starting model"))
+    if s.get("fine_tune_type") == "lora":
+        start.append(("fine-tuning", "low-rank QAT (base frozen; adapters and scales trained)"))
     baselines = [(label, fmt(s[k], ".4f")) for label, k in BASELINE_ROWS if k in s]
     if s.get("ptq_note"):
         baselines.append(("", s["ptq_note"]))
@@ -115,6 +124,7 @@ def format_summary(s: dict) -> str:
         ("tokens/s", fmt(s["tokens_per_s"], ",.0f")),
         ("peak memory", "-" if peak is None else f"{peak / 2**20:,.1f} MiB"),
         ("model", s["model"]),
+        *([("adapter", s["adapter"]), ("", s["adapter_note"])] if s.get("adapter") else []),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -141,6 +141,7 @@ def branch_step(path: Path, meta: dict, cfg: config.TrainConfig, plan, model) ->
         source = meta["config"].get("pretrained")
         hint = f" (it started from {source}: pass --pretrained {source})" if source and not cfg.pretrained else ""
         raise StartError(f"{path} holds another model than this run's{hint}; branch from a run with the same model and data")
+    check_same_fine_tuning(path, meta["config"], cfg)
     if tokens % plan.tokens_per_step or tokens > plan.total_tokens:
         raise StartError(f"{path} was taken at {tokens:,} tokens, which is not a step boundary of this run "
                          f"({plan.tokens_per_step:,} tokens per step, {plan.total_tokens:,} in all)")
@@ -154,6 +155,25 @@ def branch_step(path: Path, meta: dict, cfg: config.TrainConfig, plan, model) ->
         if checkpoint.specs(meta) != quant_specs(model, cfg.spec, cfg.embedding_spec):
             raise StartError(f"{path} is quantized differently from this run's bits/group_size/embedding_bits")
     return tokens // plan.tokens_per_step
+
+
+def check_same_fine_tuning(path: Path, saved: dict, cfg: config.TrainConfig) -> None:
+    """A checkpoint continues only a run of its own fine_tune_type; a low-rank one (adapters and
+    α alone) only on the same base, with the same adapters."""
+    kind = saved.get("fine_tune_type", "full")
+    if kind != cfg.fine_tune_type:
+        raise StartError(f"{path} is a checkpoint of a fine_tune_type: {kind} run and this run is "
+                         f"fine_tune_type: {cfg.fine_tune_type}; branch from a run of the same fine_tune_type")
+    if kind != "lora":
+        return
+    if saved["pretrained"] != cfg.pretrained:
+        raise StartError(f"{path} holds a low-rank run's adapters and scales, not its base: continue it from its own "
+                         f"base (pretrained: {saved['pretrained']}), not from {cfg.pretrained}")
+    shape = {"lora_parameters": cfg.lora_parameters, "num_layers": cfg.num_layers}
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in shape.items() if saved[k] != v]
+    if changed:
+        raise StartError(f"{path} holds other adapters than this run's ({', '.join(changed)}); branch with the same "
+                         "lora_parameters and num_layers")
 
 
 @contextmanager

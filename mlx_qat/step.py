@@ -84,15 +84,28 @@ def keep_freed_buffers() -> None:
         mx.set_cache_limit(max(mx.get_memory_limit() // 4, 32 << 20))
 
 
+def draws_random_numbers(cfg) -> bool:
+    """Whether the training step draws random numbers: only low-rank QAT's adapter dropout."""
+    return cfg.fine_tune_type == "lora" and cfg.lora_parameters["dropout"] > 0
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The random seed of step `step` of a run seeded `seed` (for a step that draws: see
+    `draws_random_numbers`), a pure function of the two, as the step's batch is."""
+    return ((seed << 32) + step) & (2**64 - 1)
+
+
 def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, group=None,
                     loss: Callable = loss_fn) -> Callable:
     """One compiled step: forward, backward, gradients averaged over the ranks (if several),
     clip, AdamW update; it returns the loss of the global batch. Built again whenever the
     model's layers (and so its state) change. `loss` comes from `make_loss`; a distillation
-    teacher it reads is frozen, so the compiled step may capture it as a constant."""
+    teacher it reads is frozen, so the compiled step may capture it as a constant. MLX's random
+    state is an input and output of the step, so that a step that draws (dropout) draws afresh
+    in every call rather than replaying the numbers of its trace."""
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss)
-    state = [model.state, optimizer.state]
+    state = [model.state, optimizer.state, mx.random.state]
     ranks = 1 if group is None else group.size()
 
     @partial(mx.compile, inputs=state, outputs=state)

@@ -39,7 +39,7 @@ import mlx.optimizers as optim
 import mlx_lm
 import yaml
 
-from . import atomic, baselines, checkpoint, config, data, distributed, export, pretrained, report
+from . import atomic, baselines, checkpoint, config, data, distributed, export, lowrank, pretrained, report
 from . import model as models
 from .checkpointer import Checkpointer, DivergenceError
 from .evaluate import evaluate, loss_fn
@@ -48,7 +48,10 @@ from .monitor import Clock, Monitor, reporting_callback
 from .schedule import RunPlan, Schedule, make_schedule, plan_run
 from .start import Start, StartError, branch_step, config_file, leave_nothing_if_refused, parse_init_from
 from .start import resolve as resolve_start
-from .step import apply_memory_options, forget_moments, keep_freed_buffers, make_loss, make_optimizer, make_train_step
+from .step import (apply_memory_options, draws_random_numbers, forget_moments, keep_freed_buffers, make_loss,
+                   make_optimizer, make_train_step, step_seed)
+
+ADAPTER = "adapter"  # a low-rank run's adapter alone, in mlx-lm's layout
 
 
 @dataclass
@@ -76,7 +79,7 @@ def setup(cfg: config.TrainConfig, out: Path, start: Start, group) -> Tuple[RunS
     run starts from one (checked, its weights unread, so that its refusals and the data's come
     before the slow read), the data, the model and its step, and the checkpoint taken over."""
     writer = distributed.is_writer(group)
-    base = distributed.together(group, load_base, start)
+    base = distributed.together(group, load_base, start, cfg)
     keep_freed_buffers()
     dataset = load_dataset(cfg, base, group)
     if base is not None:  # the slow read of its weights, after every check (a rank that fails stops them all)
@@ -91,9 +94,17 @@ def setup(cfg: config.TrainConfig, out: Path, start: Start, group) -> Tuple[RunS
     return state, dataset
 
 
-def load_base(start: Start) -> Optional[pretrained.Pretrained]:
-    """The pretrained model the run starts from (None: none), checked, its weights left unread."""
-    return pretrained.load(start.pretrained, lazy=True) if start.pretrained is not None else None
+def load_base(start: Start, cfg: config.TrainConfig) -> Optional[pretrained.Pretrained]:
+    """The pretrained model the run starts from (None: none), checked, its weights left unread:
+    in float32 (the master weights full QAT trains), or for low-rank QAT in the checkpoint's own
+    16-bit dtype (the frozen base), whose adapted modules are checked here, before the data."""
+    if start.pretrained is None:
+        return None
+    low_rank = cfg.fine_tune_type == "lora"
+    base = pretrained.load(start.pretrained, dtype=None if low_rank else mx.float32, lazy=True)
+    if low_rank:
+        lowrank.lowrank_paths(base.model, cfg.lora_parameters["keys"], cfg.num_layers)
+    return base
 
 
 def load_dataset(cfg: config.TrainConfig, base: Optional[pretrained.Pretrained], group) -> data.TokenData:
@@ -137,11 +148,22 @@ def switch_to_qat(state: RunState, specs=None) -> None:
     """The one FP -> QAT moment, wherever a model enters its QAT form (at D_fp, at step 0, or
     to restore a QAT checkpoint): QAT layers swapped in (α from the weights the model holds now;
     `specs` default to the config's policy), the memory options applied to them (they are new
-    modules), the weights' Adam moments forgotten unless kept, and the step recompiled."""
+    modules), the weights' Adam moments forgotten unless kept, and the step recompiled.
+
+    With fine_tune_type: lora the form is low-rank QAT (`lowrank.to_lowrank_qat`: the adapted
+    modules' lora_a drawn from the run's seed, every other weight frozen, α learning), and no
+    moment is kept: the trainables are new, and the base's moments would only take memory."""
     cfg = state.cfg
-    to_qat(state.model, specs if specs is not None else quant_specs(state.model, cfg.spec, cfg.embedding_spec))
+    specs = specs if specs is not None else quant_specs(state.model, cfg.spec, cfg.embedding_spec)
+    low_rank = cfg.fine_tune_type == "lora"
+    if low_rank:
+        mx.random.seed(cfg.seed)  # lora_a's initialisation: the same in every run of this config
+        lowrank.to_lowrank_qat(state.model, specs, **cfg.lora_arguments)
+        state.model.train()  # mlx_lm.load leaves a model in eval mode; the adapters' dropout trains
+    else:
+        to_qat(state.model, specs)
     apply_memory_options(state.model, cfg)
-    if not cfg.keep_optimizer_state:  # the step count and learning rate stay
+    if low_rank or not cfg.keep_optimizer_state:  # the step count and learning rate stay
         forget_moments(state.optimizer)
     state.step_fn = make_train_step(state.model, state.optimizer, cfg.grad_clip, state.group, state.loss)
     state.phase = "qat"
@@ -151,9 +173,12 @@ def train_range(state: RunState, end: int, dataset: data.TokenData, monitor: Mon
     """Steps state.step .. end − 1 at the schedule's learning rates; knows nothing of phases.
     The loss is read back only at steps that report or save it, so the steps run ahead of it."""
     cfg, tokens_per_step = state.cfg, state.plan.tokens_per_step
+    draws = draws_random_numbers(cfg)
     for step in range(state.step, end):
         lr = state.schedule.at_step(step, tokens_per_step)
         state.optimizer.learning_rate = lr
+        if draws:  # from (seed, step), as the batch: a resumed run draws what it would have drawn
+            mx.random.seed(step_seed(cfg.seed, step))
         batch = data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)
         loss = state.step_fn(mx.array(distributed.rows(batch, state.group)))
         mx.async_eval(loss, state.model.state, state.optimizer.state)  # compute while the next batch is read
@@ -168,18 +193,28 @@ def train_range(state: RunState, end: int, dataset: data.TokenData, monitor: Mon
         monitor.step_done()
 
 
+def save_adapter(model: nn.Module, path: Path) -> Path:
+    """A low-rank run's adapter alone, as mlx-lm writes one (adapters.safetensors,
+    adapter_config.json), replacing `path` whole."""
+    with atomic.directory(path) as tmp:
+        lowrank.save_adapter(model, tmp)
+    return path
+
+
 def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor, val_batches: Callable, clock: Clock,
            resumed_at: Optional[int]) -> Optional[dict]:
     """Final validation and the peak memory of training; (on the writer) export and the
-    export's validation through mlx_lm.load; from a pretrained start, the baselines (on every
+    export's validation through mlx_lm.load (a low-rank run: its adapter alone to <out>/adapter,
+    then the model merged and exported as any QAT model); from a pretrained start, the baselines (on every
     rank: they validate together); then (on the writer) plot and summary. Other ranks return None.
     `resumed_at`: the step this process resumed the run at (None: it ran the whole run)."""
     cfg, plan, writer = state.cfg, state.plan, distributed.is_writer(state.group)
     final_loss = monitor.end_of_phase(state)
     peak_memory = mx.get_peak_memory()
     if writer:  # the run's own result first
+        adapter = save_adapter(state.model, out / ADAPTER) if lowrank.lowrank_layers(state.model) else None
         exported = export.export_run(state.model, state.phase, out / "model", cfg, state.base, dataset.path,
-                                     scales_dtype=cfg.export_scales, overwrite=True)
+                                     scales_dtype=cfg.export_scales, overwrite=True)  # a low-rank model merged
         exported_loss = evaluate(mlx_lm.load(str(exported.path))[0], val_batches())
     compared = {} if state.base is None else baselines.compare(cfg, dataset, val_batches, plan.total_steps, state.group)
     if not writer:
@@ -190,6 +225,8 @@ def finish(state: RunState, out: Path, dataset: data.TokenData, monitor: Monitor
     segment = None if resumed_at is None else (resumed_at, clock.segment())
     summary = report.summary(plan, records, final_loss, exported_loss, exported, clock.total(), cfg, peak_memory, segment)
     summary.update(compared)
+    if adapter is not None:
+        summary.update(adapter=str(adapter), adapter_note=report.ADAPTER_NOTE)
     report.write_summary(out, summary)  # last: its presence marks the run finished
     shutil.rmtree(atomic.previous(out / checkpoint.NAME), ignore_errors=True)  # a finished run needs no fallback
     return summary

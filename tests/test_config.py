@@ -88,6 +88,17 @@ BAD = [
     ("grad_checkpoint", "maybe", None), ("freeze_embedding", 1, None),
     ("compare", ["gptq"], None), ("compare", 5, None), ("compare", ["dwq"], "compare needs a pretrained start"),
     ("dwq_learning_rate", 0, None), ("dwq_learning_rate", "abc", None),
+    ("fine_tune_type", "dora", None), ("fine_tune_type", 1, None),
+    ("fine_tune_type", "lora", "fine_tune_type: lora needs a pretrained start"),
+    ("lora_parameters", 8, None), ("lora_parameters", [8], None), ("lora_parameters", {"rank": 0}, "lora_parameters.rank=0"),
+    ("lora_parameters", {"rank": 2.5}, "lora_parameters.rank=2.5"), ("lora_parameters", {"rank": True}, "rank=True"),
+    ("lora_parameters", {"scale": -1}, "lora_parameters.scale=-1"), ("lora_parameters", {"scale": "x"}, "scale='x'"),
+    ("lora_parameters", {"dropout": 1.0}, "lora_parameters.dropout=1.0"), ("lora_parameters", {"dropout": -0.1}, "dropout=-0.1"),
+    ("lora_parameters", {"keys": []}, "lora_parameters.keys=[]"), ("lora_parameters", {"keys": [""]}, "keys=['']"),
+    ("lora_parameters", {"keys": ["a", "a"]}, "keys=['a', 'a']"), ("lora_parameters", {"keys": [3]}, "keys=[3]"),
+    ("lora_parameters", {"rnak": 8}, "unknown key 'rnak' in lora_parameters; did you mean 'rank'?"),
+    ("num_layers", 0, None), ("num_layers", -1, None), ("num_layers", "all", None),
+    ("num_layers", 4, "num_layers=4 chooses the blocks that fine_tune_type: lora adapts"),
 ]
 
 
@@ -186,6 +197,8 @@ ROUND_TRIP = [
     dict(data=["a.txt", "hf:x:train"], model={"preset": "tiny", "num_hidden_layers": 2}, total_tokens="1e7",
          learning_rate="1e-7", bits=1.58, group_size=None, embedding_bits=4, qat_fraction=0.3, keep_optimizer_state=False,
          warmup_tokens=1e5, cooldown_tokens=2e5, snapshot_at=[5e6, 1e6], batch_size=10, seq_len=100, export_scales="bfloat16", schedule="fused", seed=3),
+    dict(pretrained="m", fine_tune_type="lora", qat_fraction=1, num_layers=4,
+         lora_parameters={"rank": "16", "keys": "self_attn.q_proj", "dropout": 0.05}),
 ]
 
 
@@ -290,7 +303,8 @@ def test_the_key_roles_come_from_the_declarations():
     assert config.PRETRAINED_DEFAULTS == PRETRAINED_DEFAULTS
 
 
-SECTIONS = ["data", "model", "tokens and batches", "optimizer", "QAT", "loss", "memory", "schedule", "run", "baselines"]
+SECTIONS = ["data", "model", "tokens and batches", "optimizer", "QAT", "low-rank", "loss", "memory", "schedule", "run",
+            "baselines"]
 
 
 def test_help_lists_every_key_once_under_its_section():
@@ -312,3 +326,22 @@ def test_help_lists_every_key_once_under_its_section():
     assert section_of["--qat-cooldown-tokens"] == "schedule" and section_of["--dwq-learning-rate"] == "baselines"
     assert lines[-1] == ("a pretrained start (--init-from MODEL) changes the defaults of the keys you leave unset to "
                          "learning_rate: 0.0001, qat_fraction: 1, warmup: 0.02, qat_warmup: 0.02")
+
+
+def test_lora_keys_in_mlx_lms_vocabulary():
+    """lora_parameters takes mlx-lm's defaults for the parts left unset (null: all of them), and
+    what low-rank QAT cannot do is one line each."""
+    lora = config.resolve({"pretrained": "m", "fine_tune_type": "lora", "lora_parameters": {"rank": 16}})
+    assert lora.lora_parameters == {"rank": 16, "scale": 20.0, "dropout": 0.0, "keys": None}
+    assert lora.lora_arguments == {"rank": 16, "scale": 20.0, "dropout": 0.0, "keys": None, "num_layers": None}
+    assert config.TrainConfig(lora_parameters=None).lora_parameters == config.default("lora_parameters")
+    assert config.default("lora_parameters") == {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}
+    assert config.default("fine_tune_type") == "full" and config.default("num_layers") is None
+    for values, message in (
+        (dict(loss="distill"), "loss: distill with fine_tune_type: lora is not supported yet"),
+        (dict(qat_fraction=0.5), "qat_fraction=0.5 cannot be used with fine_tune_type: lora"),
+        (dict(lora_parameters={"dropout": 0.1}, grad_checkpoint=True), "lora_parameters.dropout=0.1 with grad_checkpoint"),
+    ):
+        with pytest.raises(ValueError) as e:
+            config.resolve({"pretrained": "m", "fine_tune_type": "lora", **values})
+        assert "\n" not in str(e.value) and message in str(e.value)
