@@ -57,3 +57,18 @@ def dataset(tmp_path_factory) -> Path:
     (root / "text.txt").write_text("\n\n".join(random_text(3000, seed=2)))
     data.prepare([str(root / "text.txt")], 384, root / "prepared")
     return root / "prepared"
+
+
+def sigkill_after_first_checkpoint(command: list, out: Path) -> None:
+    """Start a training process writing to `out` and SIGKILL it once its first checkpoint is on disk."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta, deadline = Path(out) / "checkpoint" / "meta.json", time.time() + 120
+    while not meta.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -3,11 +3,8 @@ checkpoints of the trainables alone, resume after a kill, grad_checkpoint, the e
 merged model and the adapter alone, and the refusals."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import mlx.core as mx
 import mlx_lm
@@ -18,6 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import load_adapters
 
+from conftest import sigkill_after_first_checkpoint
 from mlx_qat import checkpoint, config, data, report, train
 from mlx_qat.evaluate import evaluate
 from mlx_qat.export import main as export_main
@@ -173,14 +171,7 @@ def test_a_sigkilled_lora_process_resumes_with_the_same_losses(bpe, corpus, tmp_
                "--eval-batches", "2", "--checkpoint-every", "10", "--fine-tune-type", "lora", "--learning-rate", "1e-2",
                "--lora-parameters", "{rank: 4, scale: 2.0, dropout: 0.2}"]
     subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
-    proc = subprocess.Popen([*command, "--out", str(tmp_path / "cut")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    meta = tmp_path / "cut" / "checkpoint" / "meta.json"
-    deadline = time.time() + 120
-    while not meta.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_after_first_checkpoint(command, tmp_path / "cut")
     killed_at = max(step_losses(tmp_path / "cut"))
     assert killed_at < steps, "the run finished before it could be killed"
     subprocess.run([sys.executable, "-m", "mlx_qat.train", "--no-progress", "--out", str(tmp_path / "cut"), "--resume"],

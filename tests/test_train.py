@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from conftest import MICRO_MODEL, read_jsonl
+from conftest import MICRO_MODEL, read_jsonl, sigkill_after_first_checkpoint
 from mlx_qat import checkpoint, config, data, model as models, report, train
 from mlx_qat.checkpointer import DivergenceError
 from mlx_qat.start import StartError
@@ -216,13 +215,7 @@ def test_killed_process_resumes_with_the_same_losses(dataset, tmp_path):
     command = [sys.executable, "-m", "mlx_qat.train", "--no-progress", *args]
     subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
 
-    proc = subprocess.Popen([*command, "--out", str(tmp_path / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = tmp_path / "cut" / "checkpoint" / "meta.json"
-    deadline = time.time() + 120
-    while not meta.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_after_first_checkpoint(command, tmp_path / "cut")
     killed_at = max(losses(tmp_path / "cut"))
     assert killed_at < 300, "the run finished before it could be killed"
     subprocess.run([*command, "--out", str(tmp_path / "cut"), "--resume"], check=True, capture_output=True)
