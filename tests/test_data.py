@@ -166,6 +166,7 @@ def test_truncated_token_file_is_detected(prepared, tmp_path):
         data.TokenData.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_hf_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     texts = random_text(200, seed=5)

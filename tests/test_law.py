@@ -99,6 +99,7 @@ def write_results(path, runs):
                                 "final_val_loss": runs.loss[i], "note": "kept but ignored"}) + "\n")
 
 
+@pytest.mark.slow
 def test_fit_and_plan_commands(tmp_path):
     runs = synthetic.synthetic_runs(TRUTHS[0], np.random.default_rng(0), sizes=(1e7, 1e8, 1e9), s_totals=(10, 1e3, 1e5), widths=(1, 2, 4))
     write_results(tmp_path / "results.jsonl", runs)

@@ -547,6 +547,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_of_a_pretrained_start_reproduces_its_losses(bpe, corpus, tmp_path, monkeypatch):
     path = model_dir("qwen2", bpe, tmp_path / "model")
     cfg = start_config(path, corpus, tmp_path, total_tokens=6 * 128, checkpoint_every=3, loss="distill",

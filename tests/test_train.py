@@ -57,6 +57,7 @@ def read_records(out: Path) -> list:
     return read_jsonl(out / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_learning_rate_at_the_switch_fused_vs_separate(dataset, tmp_path):
     """24 FP + 16 QAT steps, warmup 5%, cooldown 20% of each phase; step s trains at the LR of
     its middle token."""
@@ -80,12 +81,14 @@ def test_fp_only_run(dataset, tmp_path):
     assert fp["exported_val_loss"] == pytest.approx(fp["final_val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_forgetting_the_optimizer_state_trains_through_the_switch(dataset, tmp_path):
     summary = train.run(micro(dataset, keep_optimizer_state=False), tmp_path / "run", show_progress=False)
     assert summary["D_qat"] == 16 * 128 and np.isfinite(summary["final_val_loss"])
     assert sorted(losses(tmp_path / "run")) == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_init_from_a_snapshot_reproduces_the_uninterrupted_run(dataset, tmp_path):
     fp_at, qat_at = 16 * 128, 30 * 128  # the switch is at step 24
     cfg = micro(dataset, snapshot_at=[fp_at, qat_at])
@@ -102,6 +105,7 @@ def test_init_from_a_snapshot_reproduces_the_uninterrupted_run(dataset, tmp_path
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_snapshot_rebuilds_its_own_model(dataset, tmp_path):
     train.run(micro(dataset, snapshot_at=[30 * 128]), tmp_path / "run", show_progress=False)
     model, meta = checkpoint.load_model(tmp_path / "run" / "snapshots" / str(30 * 128))
@@ -340,6 +344,7 @@ def test_a_refused_run_leaves_no_out_behind(tmp_path, capsys):
 # ---------------------------------------------------------------- what a finished run reports and keeps
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_summary_counts_the_whole_run(dataset, tmp_path, monkeypatch):
     cfg = micro(dataset)
     batch = data.batch
