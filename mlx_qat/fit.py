@@ -13,9 +13,9 @@ resamples, each refitted from the optimum, give 95% intervals; one that has not 
 within its iteration and time bounds is counted and left out of them, not waited on. It reports R²
 overall and per bit width, every parameter that ended at a bound of its search range (a term the
 data cannot pin down), and refits the predictor's constant a to the best fraction of each
-(N, D_total, B) group. --held-out also fits the runs of every model size but its largest budget
-and predicts that budget's runs: the error a planner would make, judged as the paper judges
-its law, beside the predictor's.
+(N, D_total, B) group. --held-out also fits without the largest budget of each model size, and
+without each model size in turn, and predicts what was left out: the error a planner would
+make, judged as the paper judges its law, beside the predictor's.
 
 Every L-BFGS-B run keeps OpenBLAS to one thread (mlx_qat.blas_threads), so a fit beside a
 training run is slowed by its share of the cores, not stalled by BLAS threads waiting for them.
@@ -155,7 +155,7 @@ class FitResult:
     bootstrap_failed: int = 0  # of those, how many stopped at RESAMPLE's bounds (left out of ci)
     seconds: float = 0.0
     bounds: Dict[str, str] = field(default_factory=dict)  # parameters that ended at a bound (see at_bounds)
-    held_out: Optional[dict] = None  # see held_out
+    held_out: Optional[List[dict]] = None  # see held_out
 
     def report(self) -> str:
         lines = [f"{'param':>6} {'value':>12} {'95% CI':>27}"]
@@ -235,16 +235,28 @@ def fit(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, label: st
     return result
 
 
-def held_out(runs: Runs, **fit_options) -> dict:
-    """Fit the runs of every model size but those of its largest budget (FP anchors included,
-    only from the smaller budgets), then predict the held-out runs: the mean absolute error of
-    their losses, and for each held-out (N, D_total, B) group, how far the law's optimal fraction
-    and the paper's predictor are from the best fraction observed."""
+def held_out(runs: Runs, **fit_options) -> List[dict]:
+    """The law as a predictor, tested as the paper tests it: fit without some runs, predict them.
+    Two kinds of split: the largest budget of every model size (extrapolating in D), and each
+    model size in turn (in N: the smallest and largest extrapolate, the others interpolate). An FP
+    anchor is held out with the run it comes from. Each split reports the mean absolute error of
+    the held-out losses and, per held-out (N, D_total, B) group, how far the law's optimal fraction
+    and the paper's predictor are from the best fraction observed; a split the rest cannot be
+    fitted from reports why instead."""
+    largest = {n: runs.budget[runs.n == n].max() for n in set(runs.n)}
+    splits = [("the largest budget of each size", np.array([b == largest[n] for n, b in zip(runs.n, runs.budget)]))]
+    splits += [(f"model size N = {n:.3g}", runs.n == n) for n in sorted(set(runs.n))]
+    return [predict_held_out(runs, name, test, **fit_options) for name, test in splits]
+
+
+def predict_held_out(runs: Runs, name: str, test: np.ndarray, **fit_options) -> dict:
+    """Fit the runs not in `test` and predict those in it (see held_out)."""
     from . import plan  # the planner's questions; fitting alone needs only the law
 
-    largest = {n: runs.budget[runs.n == n].max() for n in set(runs.n)}
-    test = np.array([b == largest[n] for n, b in zip(runs.n, runs.budget)])
-    law = fit(runs.where(~test), bootstrap=0, **fit_options).law
+    try:
+        law = fit(runs.where(~test), bootstrap=0, **fit_options).law
+    except FitError as e:
+        return {"held_out": name, "error": str(e)}
     tested = runs.where(test & ~runs.anchor)
     errors = law(tested.n, tested.d_fp, tested.d_qat, tested.bits) - tested.loss
     rows = []
@@ -253,9 +265,10 @@ def held_out(runs: Runs, **fit_options) -> dict:
         f_pred = float(scaling_law.predicted_qat_fraction(g["S_total"])) if g["S_total"] > 1 else math.nan
         rows.append({k: g[k] for k in ("N", "D_total", "B", "S_total", "best_fraction")} | {"law_fraction": f_law,
                     "predictor_fraction": f_pred})
-    return {"runs": len(tested), "loss_mae": float(np.abs(errors).mean()), "loss_max_error": float(np.abs(errors).max()),
-            "fraction_mae_law": _fraction_error(rows, "law_fraction"),
-            "fraction_mae_predictor": _fraction_error(rows, "predictor_fraction"), "groups": rows, "at_bounds": at_bounds(law)}
+    return {"held_out": name, "runs": len(tested), "loss_mae": float(np.abs(errors).mean()),
+            "loss_max_error": float(np.abs(errors).max()), "fraction_mae_law": _fraction_error(rows, "law_fraction"),
+            "fraction_mae_predictor": _fraction_error(rows, "predictor_fraction"), "groups": rows,
+            "at_bounds": at_bounds(law)}
 
 
 def _fraction_error(rows: List[dict], key: str) -> float:
@@ -263,10 +276,17 @@ def _fraction_error(rows: List[dict], key: str) -> float:
     return float(np.nanmean([abs(r[key] - r["best_fraction"]) for r in rows])) if rows else math.nan
 
 
-def format_held_out(h: dict) -> str:
-    return (f"held out (the largest budget of each size, {h['runs']} runs): loss MAE {h['loss_mae']:.4f} "
-            f"(max {h['loss_max_error']:.4f}); best-fraction MAE: law {h['fraction_mae_law']:.3f}, "
-            f"predictor {h['fraction_mae_predictor']:.3f} over {len(h['groups'])} groups")
+def format_held_out(splits: List[dict]) -> str:
+    lines = ["held out (fitted without them, then predicted):"]
+    for h in splits:
+        if "error" in h:
+            lines.append(f"  {h['held_out']}: not fitted without them ({h['error']})")
+            continue
+        bounds = "; at a bound: " + ", ".join(f"{k} ({side})" for k, side in h["at_bounds"].items()) if h["at_bounds"] else ""
+        lines.append(f"  {h['held_out']} ({h['runs']} runs): loss MAE {h['loss_mae']:.4f} (max {h['loss_max_error']:.4f}); "
+                     f"best-fraction MAE: law {h['fraction_mae_law']:.3f}, predictor {h['fraction_mae_predictor']:.3f} "
+                     f"over {len(h['groups'])} groups{bounds}")
+    return "\n".join(lines)
 
 
 def whole_number(text: str) -> int:
@@ -299,8 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         "has no term for it, so fit one schedule at a time")
     parser.add_argument("--no-fp-anchors", action="store_true", help="leave out the FP losses measured at the switch "
                         "of separate-schedule runs (by default they join the FP-only runs in pinning down the FP part)")
-    parser.add_argument("--held-out", action="store_true", help="also fit all but each size's largest budget and "
-                        "report how well that law predicts it (one more fit)")
+    parser.add_argument("--held-out", action="store_true", help="also fit without each size's largest budget, and "
+                        "without each size in turn, and report how well those laws predict what was left out")
     parser.add_argument("--label", default="", help="a description stored with the law")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
