@@ -29,10 +29,7 @@ def qat_step(model, cfg, group=None, loss=None) -> tuple:
     from mlx_qat.layers import quant_specs, to_qat
 
     to_qat(model, quant_specs(model, cfg.spec, cfg.embedding_spec))
-    step.apply_memory_options(model, cfg)
-    optimizer = step.make_optimizer(cfg)
-    loss = step.make_loss(cfg) if loss is None else loss
-    return optimizer, step.make_train_step(model, optimizer, cfg.grad_clip, group, loss)
+    return step.build_step(model, cfg, group=group, loss=loss)
 
 
 def emit(result: dict, path=None) -> None:

@@ -69,7 +69,7 @@ def save(path: Path, model: nn.Module, optimizer: optim.Optimizer, meta: dict, m
         meta["sha256"] = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2))
         try:
-            check(tmp)
+            _check_loads(tmp)  # the digests were just taken from these files: whether they parse is the question
         except CheckpointError as e:  # e.g. a full disk: the write came out short
             raise CheckpointError(f"the checkpoint written for {path} does not read back ({e}); the one before it is "
                                   "kept. Free some disk space or check the disk, then --resume") from e
@@ -92,14 +92,21 @@ def check(path: Path) -> dict:
     digests = meta.get("sha256", {})  # none in a checkpoint from before they were kept: then loading is the check
     try:
         changed = [name for name, digest in digests.items() if _digest(path / name) != digest]
-        if not changed:
-            for name in WEIGHTS:
-                mx.load(str(path / name))  # parses the header and checks that the data is all there
-    except (OSError, ValueError, RuntimeError) as e:
+    except OSError as e:
         raise CheckpointError(f"{path} does not read back ({e}); the checkpoint is corrupt") from e
     if changed:
         raise CheckpointError(f"{path}/{changed[0]} is not what was written (its SHA-256 differs); the checkpoint is corrupt")
+    _check_loads(path)
     return meta
+
+
+def _check_loads(path: Path) -> None:
+    """Each weights file parses and holds all of its data; CheckpointError otherwise."""
+    try:
+        for name in WEIGHTS:
+            mx.load(str(path / name))  # parses the header and checks that the data is all there
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not read back ({e}); the checkpoint is corrupt") from e
 
 
 def candidates(out: Path) -> List[Path]:

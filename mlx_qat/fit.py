@@ -192,7 +192,11 @@ def check_sweep(runs: Runs) -> None:
     qat = runs.is_qat
     if qat.sum() < len(PARAMS) or len(set(runs.bits[qat])) < 2 or len(set(runs.n)) < 2:
         raise FitError("the QAT terms need QAT runs at two or more bit widths and model sizes; "
-                       f"got {int(qat.sum())} QAT runs, bits {sorted(set(runs.bits[qat]))}, sizes {sorted(set(runs.n))}")
+                       f"got {int(qat.sum())} QAT runs, bits {_listed(runs.bits[qat])}, sizes {_listed(runs.n)}")
+
+
+def _listed(values: np.ndarray) -> str:
+    return ", ".join(f"{v:.3g}" for v in sorted(set(values.tolist()))) or "none"
 
 
 def fit(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, label: str = "", workers: int = 1,

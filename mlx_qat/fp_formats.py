@@ -87,7 +87,7 @@ from . import constants
 
 SCALE_FORMATS = {"mxfp4": "e8m0", "nvfp4": "e4m3", "mxfp8": "e8m0"}
 # mode -> (group_size, bits, scale format); the (group_size, bits) pairs are constants.FP_MODES
-FP_MODES = {mode: (*grid, SCALE_FORMATS[mode]) for mode, grid in constants.FP_MODES.items()}
+FORMATS = {mode: (*grid, SCALE_FORMATS[mode]) for mode, grid in constants.FP_MODES.items()}
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -99,13 +99,13 @@ def bits_per_weight(mode: str) -> float:
     """Stored bits per weight: element bits + one 8-bit scale per group, bits + 8 / group_size.
 
     mxfp4 4.25, nvfp4 4.5, mxfp8 8.25. (An nvfp4 global scale adds one float32 per tensor.)"""
-    group_size, bits, _ = FP_MODES[mode]
+    group_size, bits, _ = FORMATS[mode]
     return bits + 8 / group_size
 
 
 def element_max(mode: str) -> float:
     """Largest element magnitude: 6 for E2M1, 448 for E4M3."""
-    return E2M1_MAX if FP_MODES[mode][1] == 4 else E4M3_MAX
+    return E2M1_MAX if FORMATS[mode][1] == 4 else E4M3_MAX
 
 
 def round_e2m1(x: mx.array) -> mx.array:
@@ -146,9 +146,9 @@ def e8m0_exponent(s: mx.array) -> mx.array:
 def _scaled(w: mx.array, mode: str, global_scale=None):
     """Group w and return (x, scale): x the scaled values the element rounding sees, scale the
     per-group factor dequantization multiplies by, both shaped [..., K // G, G | 1]."""
-    if mode not in FP_MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(FP_MODES)}")
-    group_size, _, scale_format = FP_MODES[mode]
+    if mode not in FORMATS:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(FORMATS)}")
+    group_size, _, scale_format = FORMATS[mode]
     if w.shape[-1] % group_size:
         raise ValueError(f"{mode}: last dimension {w.shape[-1]} is not a multiple of {group_size}")
     wg = w.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
@@ -176,7 +176,7 @@ def fake_quant_fp(w: mx.array, mode: str, global_scale=None) -> mx.array:
     MLX's quantize -> dequantize(dtype=float32). `global_scale` (a float32 scalar array) is the
     optional per-tensor nvfp4 scale. Formulas in the module docstring."""
     x, scale = _scaled(w, mode, global_scale)
-    q = round_e2m1(x) if FP_MODES[mode][1] == 4 else round_e4m3(x)
+    q = round_e2m1(x) if FORMATS[mode][1] == 4 else round_e4m3(x)
     return (q * scale).reshape(w.shape)
 
 

@@ -102,14 +102,13 @@ def _packed(layer: nn.Module, scales_dtype) -> dict:
     return {"weight": weight, "scales": scales, "biases": biases}
 
 
-def _fake_quantized(layer: nn.Module) -> mx.array:
-    """ŵ of a QAT layer: fake_quant(W, α) on the learned grid, or in an FP mode fake_quant_fp(W)
-    with its straight-through gradient (computed in float32, the precision it matches MLX in;
-    its values are exact in bfloat16 too, so casting back loses nothing)."""
-    if layer.spec.is_fp:
-        w = layer.weight
-        return fake_quant_fp_ste(w.astype(mx.float32), layer.spec.mode).astype(w.dtype)
-    return fake_quant(layer.weight, layer.alpha, layer.spec)
+def fake_quantized(w: mx.array, alpha: Optional[mx.array], spec: QuantSpec) -> mx.array:
+    """ŵ of a weight: fake_quant(w, α) on the learned grid, or in an FP mode fake_quant_fp(w) with
+    its straight-through gradient (computed in float32, the precision it matches MLX in; its
+    values are exact in bfloat16 too, so casting back to w's dtype loses nothing)."""
+    if spec.is_fp:
+        return fake_quant_fp_ste(w.astype(mx.float32), spec.mode).astype(w.dtype)
+    return fake_quant(w, alpha, spec)
 
 
 def _init_scale(layer: nn.Module) -> None:
@@ -152,7 +151,7 @@ class QATLinear(nn.Module):
         return layer
 
     def quantized_weight(self) -> mx.array:
-        return _fake_quantized(self)
+        return fake_quantized(self.weight, self.get(SCALE), self.spec)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = x @ self.quantized_weight().T
@@ -195,7 +194,7 @@ class QATEmbedding(nn.Module):
         return layer
 
     def quantized_weight(self) -> mx.array:
-        return _fake_quantized(self)
+        return fake_quantized(self.weight, self.get(SCALE), self.spec)
 
     def __call__(self, ids: mx.array) -> mx.array:
         return self.quantized_weight()[ids]

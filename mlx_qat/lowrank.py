@@ -44,9 +44,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .fakequant import fake_quant
-from .fp_formats import fake_quant_fp_ste
-from .layers import SCALE, QATEmbedding, QATLinear
+from .layers import SCALE, QATEmbedding, QATLinear, fake_quantized
 from .quantizers import QuantSpec, init_scale
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")  # mlx-lm's parameter names
@@ -54,9 +52,8 @@ TRAINABLE = (*ADAPTER_LEAVES, SCALE)
 
 
 def _fake_quant32(w: mx.array, alpha: Optional[mx.array], spec: QuantSpec) -> mx.array:
-    """ŵ of float32(w): the learned affine grid, or an FP mode's derived one (no α)."""
-    w = w.astype(mx.float32)
-    return fake_quant_fp_ste(w, spec.mode) if spec.is_fp else fake_quant(w, alpha, spec)
+    """ŵ of float32(w), on the grid the export packs (float32, whatever W's dtype)."""
+    return fake_quantized(w.astype(mx.float32), alpha, spec)
 
 
 class FrozenQATLinear(QATLinear):

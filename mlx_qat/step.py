@@ -5,7 +5,7 @@ freshly built model (mlx_qat.sweep's rate, the benchmarks), so both train the sa
 """
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,6 +93,18 @@ def step_seed(seed: int, step: int) -> int:
     """The random seed of step `step` of a run seeded `seed` (for a step that draws: see
     `draws_random_numbers`), a pure function of the two, as the step's batch is."""
     return ((seed << 32) + step) & (2**64 - 1)
+
+
+def build_step(model: nn.Module, cfg, optimizer: Optional[optim.Optimizer] = None, group=None,
+               loss: Optional[Callable] = None) -> Tuple[optim.Optimizer, Callable]:
+    """(optimizer, compiled step) of `model` as it is now: the config's memory options applied to
+    it, then its step, with `optimizer` (or a fresh one at the peak rate) and `loss` (or the
+    config's). The one recipe for a run's step (mlx_qat.train, at its start and at the switch)
+    and for anything that times it on a freshly built model."""
+    apply_memory_options(model, cfg)
+    optimizer = make_optimizer(cfg) if optimizer is None else optimizer
+    loss = make_loss(cfg) if loss is None else loss
+    return optimizer, make_train_step(model, optimizer, cfg.grad_clip, group, loss)
 
 
 def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, group=None,

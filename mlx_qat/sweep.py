@@ -57,7 +57,7 @@ from . import atomic, checkpoint, config, data, distributed, model as models, re
 from .checkpointer import DivergenceError
 from .schedule import RunPlan, make_schedule, plan_run
 from .start import StartError
-from .step import apply_memory_options, make_loss, make_optimizer, make_train_step
+from .step import build_step
 
 SWEEP_KEYS = ("base", "set", "grid", "fp_baselines")
 SET_BY_SWEEP = {"snapshot_at"}
@@ -314,8 +314,7 @@ def measure_rate(cfg: config.TrainConfig, steps: int = 3) -> float:
     freshly built model) after a warm-up one."""
     dataset = data.load(cfg)
     model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
-    apply_memory_options(model, cfg)
-    train_step = make_train_step(model, make_optimizer(cfg), cfg.grad_clip, loss=make_loss(cfg))
+    _, train_step = build_step(model, cfg)
     batch = lambda k: mx.array(data.batch(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, k))  # noqa: E731
     mx.eval(train_step(batch(0)))
     start = time.perf_counter()

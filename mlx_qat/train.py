@@ -48,8 +48,7 @@ from .monitor import Clock, Monitor, reporting_callback
 from .schedule import RunPlan, Schedule, make_schedule, plan_run
 from .start import Start, StartError, branch_step, config_file, leave_nothing_if_refused, parse_init_from
 from .start import resolve as resolve_start
-from .step import (apply_memory_options, draws_random_numbers, forget_moments, keep_freed_buffers, make_loss,
-                   make_optimizer, make_train_step, step_seed)
+from .step import build_step, draws_random_numbers, forget_moments, keep_freed_buffers, make_loss, step_seed
 
 ADAPTER = "adapter"  # a low-rank run's adapter alone, in mlx-lm's layout
 
@@ -121,9 +120,7 @@ def build(cfg: config.TrainConfig, dataset: data.TokenData, group, base: Optiona
     plan = plan_run(cfg, models.num_params(model))  # before freezing: N counts every weight
     schedule = make_schedule(cfg, plan)
     loss = make_loss(cfg)
-    apply_memory_options(model, cfg)
-    optimizer = make_optimizer(cfg)
-    step_fn = make_train_step(model, optimizer, cfg.grad_clip, group, loss)
+    optimizer, step_fn = build_step(model, cfg, group=group, loss=loss)
     return RunState(cfg, plan, schedule, model, optimizer, step_fn, group, loss, base)
 
 
@@ -162,10 +159,9 @@ def switch_to_qat(state: RunState, specs=None) -> None:
         state.model.train()  # mlx_lm.load leaves a model in eval mode; the adapters' dropout trains
     else:
         to_qat(state.model, specs)
-    apply_memory_options(state.model, cfg)
     if low_rank or not cfg.keep_optimizer_state:  # the step count and learning rate stay
         forget_moments(state.optimizer)
-    state.step_fn = make_train_step(state.model, state.optimizer, cfg.grad_clip, state.group, state.loss)
+    _, state.step_fn = build_step(state.model, cfg, state.optimizer, state.group, state.loss)
     state.phase = "qat"
 
 

@@ -17,6 +17,37 @@ def random_text(n_lines: int, seed: int = 0) -> list:
     return [" ".join(rng.choices(words, k=rng.randint(3, 25))) for _ in range(n_lines)]
 
 
+# the pretrained-model tests' tokenizer (test_pretrained, test_lowrank_run)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE tokenizer (vocab 320) with chat specials, as a GGUF `gpt2` tokenizer is."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # here: slow to import
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(random_text(300), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[1], eos_token=SPECIALS[2],
+                                   chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small text file of random words to train on."""
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(random_text(120, seed=7)))
+    return path
+
+
 @pytest.fixture(scope="package")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A small sentencepiece tokenizer saved as Hugging Face files (vocab 512)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_qat.fp_formats import (
-    FP_MODES,
+    FORMATS,
     bits_per_weight,
     e8m0_exponent,
     element_max,
@@ -18,12 +18,12 @@ from mlx_qat.fp_formats import (
     ste_mask,
 )
 
-MODES = list(FP_MODES)
+MODES = list(FORMATS)
 F32 = np.float32
 
 
 def mlx_roundtrip(w, mode, global_scale=None):
-    g, b, _ = FP_MODES[mode]
+    g, b, _ = FORMATS[mode]
     kw = {} if global_scale is None else {"global_scale": global_scale}
     packed = mx.quantize(w, group_size=g, bits=b, mode=mode, **kw)
     return mx.dequantize(*packed, group_size=g, bits=b, mode=mode, dtype=mx.float32, **kw)
@@ -93,7 +93,7 @@ def _near(v):
 def test_e2m1_ties_and_neighbours(mode, k):
     """With 6 * 2^k in the group the scale is exactly 2^k for both E8M0 and E4M3, so the other
     elements land on the E2M1 ties (and one float either side) after scaling."""
-    g = FP_MODES[mode][0]
+    g = FORMATS[mode][0]
     vals = [v for t in E2M1_TIES for v in _near(t)] + [0.1, 0.0, -0.0, 6.0]
     groups = []
     for sign in (1, -1):
@@ -120,14 +120,14 @@ def test_e4m3_ties_subnormals_mxfp8(k):
 def test_scale_boundaries(mode):
     """amax at maxval * 2^k and one float either side (E8M0 rounds up exactly at the boundary;
     E4M3 rounds the scale to nearest), across a wide range of k."""
-    g, fmt = FP_MODES[mode][0], FP_MODES[mode][2]
+    g, fmt = FORMATS[mode][0], FORMATS[mode][2]
     m = element_max(mode)
     # a / 20 is what tells the scales apart: 0.3 -> 0.5 at scale 2^k, 0.15 -> 0 at 2^(k+1).
     groups = [[a, a / 3, -a / 2, a / 7, a / 20] for k in range(-100, 101, 9) for a in _near(m * 2.0**k)]
     w = mx.array(groups_to_matrix(groups, g))
     assert_matches_mlx(w, mode)
     # The stored scales themselves.
-    _, scales = mx.quantize(w, group_size=g, bits=FP_MODES[mode][1], mode=mode)
+    _, scales = mx.quantize(w, group_size=g, bits=FORMATS[mode][1], mode=mode)
     amax = mx.max(mx.abs(w.reshape(w.shape[0], -1, g)), axis=-1)
     if fmt == "e8m0":
         assert mx.array_equal((e8m0_exponent(amax / m) + 127).astype(mx.uint8), scales)
@@ -137,7 +137,7 @@ def test_scale_boundaries(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_zeros_tiny_and_outliers(mode):
-    g = FP_MODES[mode][0]
+    g = FORMATS[mode][0]
     groups = [
         [],  # all zeros
         [-0.0, -0.0],  # negative zeros only
@@ -245,7 +245,7 @@ def test_e8m0_exponent_is_exact_ceil():
 
 def np_ste_mask(w, mode):
     """Numpy reference: pass-through where |w / scale| <= maxval (float32 throughout)."""
-    g, _, fmt = FP_MODES[mode]
+    g, _, fmt = FORMATS[mode]
     m = element_max(mode)
     wg = w.reshape(*w.shape[:-1], -1, g)
     s = np.abs(wg).max(-1, keepdims=True) / F32(m)
@@ -267,7 +267,7 @@ def test_ste_gradient_matches_numpy(mode, std):
     mask = np_ste_mask(w, mode)
     assert_bits_equal(grad, np.where(mask, cot, F32(0.0)))
     assert np.array_equal(np.array(ste_mask(mx.array(w), mode)), mask)
-    if FP_MODES[mode][2] == "e8m0":
+    if FORMATS[mode][2] == "e8m0":
         assert mask.all()  # the E8M0 scale is rounded up: nothing clips, the STE is the identity
     else:
         assert 0 < (~mask).sum() < mask.size / 16  # E4M3 scales round down sometimes: maxima clip
@@ -286,7 +286,7 @@ def test_ste_gradient_with_global_scale():
 
 @pytest.mark.parametrize("mode,expected", [("mxfp4", 4.25), ("nvfp4", 4.5), ("mxfp8", 8.25)])
 def test_bits_per_weight_from_packed_arrays(mode, expected):
-    g, b, _ = FP_MODES[mode]
+    g, b, _ = FORMATS[mode]
     w = mx.zeros((8, 256))
     wq, scales = mx.quantize(w, group_size=g, bits=b, mode=mode)
     stored = wq.size * wq.dtype.size * 8 + scales.size * scales.dtype.size * 8

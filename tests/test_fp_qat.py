@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 from conftest import MICRO_MODEL, tiny_llama
 from mlx_qat import QuantSpec, checkpoint, config, constants, report, sweep, train
 from mlx_qat.export import export, packed_model
-from mlx_qat.fp_formats import FP_MODES, bits_per_weight, ste_mask
+from mlx_qat.fp_formats import FORMATS, bits_per_weight, ste_mask
 from mlx_qat.layers import QATEmbedding, QATLinear, qat_specs, quant_specs, to_qat
 
 MODES = list(constants.FP_MODES)
@@ -37,7 +37,7 @@ def fp_spec(mode: str) -> QuantSpec:
 def test_the_modes_grids_are_mlx_own():
     for mode, (group_size, bits) in constants.FP_MODES.items():
         assert _defaults_for_mode(mode, None, None) == (group_size, bits)
-        assert FP_MODES[mode][:2] == (group_size, bits)
+        assert FORMATS[mode][:2] == (group_size, bits)
     assert constants.MODES == ("affine", "mxfp4", "nvfp4", "mxfp8")
 
 

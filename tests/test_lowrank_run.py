@@ -24,8 +24,8 @@ from mlx_qat.model import from_config
 from mlx_qat.pretrained import load
 from mlx_qat.start import StartError, check_same_fine_tuning
 
-from test_pretrained import (ARCHS, GGUF_LLAMA, SMALL, STEPS, bpe, cli_error, corpus,  # noqa: F401  (fixtures)
-                             save_directory, start_config, step_losses, write_gguf)
+from test_pretrained import (ARCHS, GGUF_LLAMA, SMALL, STEPS, cli_error, save_directory, start_config, step_losses,
+                             write_gguf)
 
 # a learning rate at which the adapters tell (the pretrained default 1e-4 barely moves them in 4 steps)
 LORA = dict(fine_tune_type="lora", lora_parameters={"rank": 4, "scale": 2.0}, compare=[], learning_rate=1e-2)

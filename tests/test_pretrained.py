@@ -21,8 +21,6 @@ from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
 from mlx_lm.gguf import permute_weights, translate_weight_names
 from mlx_lm.utils import quantize_model, save_config, save_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from mlx_qat import QuantSpec, checkpoint, config, data, init_scale, report, train
 from mlx_qat.distill import make_distill_loss
@@ -32,12 +30,8 @@ from mlx_qat.layers import quant_specs, to_qat
 from mlx_qat.model import from_config
 from mlx_qat.pretrained import _pre_tokenizer, export_config, load
 
-from conftest import random_text, read_jsonl
+from conftest import CHAT_TEMPLATE, SPECIALS, VOCAB, random_text, read_jsonl
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-VOCAB = 320
 SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
              num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=VOCAB)
 ARCHS = {
@@ -51,19 +45,6 @@ ARCHS = {
     "phi3": dict(num_key_value_heads=2, max_position_embeddings=256),
 }
 IDS = mx.array([[1, 5, 9, 22, 100, 7, 300, 41]])
-
-
-@pytest.fixture(scope="module")
-def bpe() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (vocab 320) with chat specials, as a GGUF `gpt2` tokenizer is."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(random_text(300), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[1], eos_token=SPECIALS[2],
-                                   chat_template=CHAT_TEMPLATE)
 
 
 def save_directory(path: Path, model: nn.Module, config: dict, tokenizer) -> Path:
@@ -385,13 +366,6 @@ def test_distill_loss_edges():
 STEPS = 4
 RUN = dict(batch_size=4, seq_len=32, bits=2, group_size=32, report_every=1, eval_every=100, eval_batches=2,
            checkpoint_every=100)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(random_text(120, seed=7)))
-    return path
 
 
 def start_config(model, corpus, tmp_path, **keys):
