@@ -369,9 +369,6 @@ class TrainConfig:
                 raise ValueError(f"num_layers={self.num_layers} chooses the blocks that fine_tune_type: lora adapts; "
                                  "full QAT trains every block: drop num_layers, or set fine_tune_type: lora")
             return
-        if self.loss == "distill":
-            raise ValueError("loss: distill with fine_tune_type: lora is not supported yet (the teacher would be the "
-                             "frozen base): use loss: ce, or fine_tune_type: full")
         if self.qat_fraction != 1:
             raise ValueError(f"qat_fraction={self.qat_fraction!r} cannot be used with fine_tune_type: lora, which is "
                              "QAT from token 0 (the base stays frozen: there is no FP phase): leave qat_fraction unset "

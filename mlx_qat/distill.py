@@ -1,7 +1,8 @@
 """Distillation loss for QAT from a pretrained model: the student learns the frozen starting
 model's next-token distribution, optionally mixed with the data's next tokens.
 
-    teacher = pretrained.load(path).model        # a second, frozen copy of the starting model
+    teacher = pretrained.load(path).model        # a second, frozen copy of the starting model (full QAT)
+    teacher = lowrank.teacher_of(student)        # or a low-rank QAT student's own frozen base
     loss_fn = make_distill_loss(teacher, kl_weight=1.0)
     loss = loss_fn(student, batch)               # the signature of evaluate.loss_fn
 """
@@ -12,13 +13,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def make_distill_loss(teacher: nn.Module, kl_weight: float = 1.0) -> Callable[[nn.Module, mx.array], mx.array]:
+def make_distill_loss(teacher: Callable[[mx.array], mx.array],
+                      kl_weight: float = 1.0) -> Callable[[nn.Module, mx.array], mx.array]:
     """loss_fn(model, batch) = kl_weight · KL(teacher ‖ model) + (1 − kl_weight) · CE, each the
     mean over the batch's next-token positions, in nats per token.
 
     KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) = Σ_v p_v (t_v − s_v) − lse(t) + lse(s) for the
     teacher's logits t (under `mx.stop_gradient`) and the model's s, p = softmax(t); CE is
     lse(s) − s_target, the next-token cross-entropy of `evaluate.loss_fn`. All in float32.
+    `teacher` maps inputs to logits: a frozen model, or `lowrank.teacher_of(student)`.
     """
     if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not 0 <= kl_weight <= 1:
         raise ValueError(f"kl_weight={kl_weight!r}; use a number in [0, 1] (1: distillation only, 0: cross-entropy only)")

@@ -37,8 +37,9 @@ the export stores (float32 scale·code + bias). The layers outside the low-rank 
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -60,15 +61,19 @@ class FrozenQATLinear(QATLinear):
     """A QATLinear over a frozen 16-bit base weight: ŵ = fake_quant(float32(W), α), so its
     output is on the export's float32 grid while W stays 16-bit in memory."""
 
+    base_only = False  # see frozen_base
+
     def quantized_weight(self) -> mx.array:
-        return _fake_quant32(self.weight, self.get(SCALE), self.spec)
+        return self.weight if self.base_only else _fake_quant32(self.weight, self.get(SCALE), self.spec)
 
 
 class FrozenQATEmbedding(QATEmbedding):
     """A QATEmbedding over a frozen 16-bit base weight (see FrozenQATLinear)."""
 
+    base_only = False  # see frozen_base
+
     def quantized_weight(self) -> mx.array:
-        return _fake_quant32(self.weight, self.get(SCALE), self.spec)
+        return self.weight if self.base_only else _fake_quant32(self.weight, self.get(SCALE), self.spec)
 
 
 class LowRankQATLinear(nn.Module):
@@ -81,6 +86,8 @@ class LowRankQATLinear(nn.Module):
     is zero in eval: y += s·((drop(x) − x) A) B. To first order (STE) the update then sees drop(x)
     and W0 sees x, as in LoRA's y = x W0ᵀ + s·drop(x) A B, while ŵ itself stays the merged grid.
     """
+
+    base_only = False  # see frozen_base
 
     def __init__(self, weight: mx.array, spec: QuantSpec, rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
                  bias: Optional[mx.array] = None):
@@ -113,6 +120,9 @@ class LowRankQATLinear(nn.Module):
         return _fake_quant32(self.merged_weight(), self.get(SCALE), self.spec)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.base_only:
+            y = x @ self.weight.T
+            return y + self.bias if "bias" in self else y
         y = x @ self.quantized_weight().T
         if self.training and self.dropout > 0:
             keep = mx.random.bernoulli(1 - self.dropout, x.shape)
@@ -122,6 +132,36 @@ class LowRankQATLinear(nn.Module):
     def _extra_repr(self) -> str:
         (output_dims, input_dims), rank = self.weight.shape, self.lora_a.shape[1]
         return f"{input_dims}, {output_dims}, rank={rank}, scale={self.scale}, dropout={self.dropout}, {self.spec}"
+
+
+FROZEN_BASE_LAYERS = (FrozenQATLinear, FrozenQATEmbedding, LowRankQATLinear)  # what frozen_base switches
+
+
+@contextmanager
+def frozen_base(model: nn.Module):
+    """Within it, a low-rank QAT model computes with its frozen base alone: y = x W0ᵀ (+ b) in
+    W0's dtype, no adapter and no fake-quant anywhere: the pretrained model it started from.
+    Distillation's teacher is this view (`teacher_of`), so the teacher costs no second copy of
+    the model. A flag read when the forward is traced: a compiled step traces the teacher's
+    forward inside it, the student's outside."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, FROZEN_BASE_LAYERS)]
+    for m in layers:
+        m.base_only = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.base_only = False
+
+
+def teacher_of(model: nn.Module) -> Callable[[mx.array], mx.array]:
+    """The logits of `model`'s frozen base (see frozen_base), as distillation's teacher."""
+
+    def teacher(inputs: mx.array) -> mx.array:
+        with frozen_base(model):
+            return model(inputs)
+
+    return teacher
 
 
 def _block_paths(model: nn.Module) -> List[str]:

@@ -12,21 +12,25 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx_lm.tuner.trainer import grad_checkpoint
 
-from . import pretrained
+from . import lowrank, pretrained
 from .distill import make_distill_loss
 from .evaluate import loss_fn
 from .layers import QATEmbedding, is_learned_scale
 
 
-def make_loss(cfg) -> Callable:
-    """The training loss, decided here only: next-token cross-entropy, or distillation from the
-    starting model, loaded a second time and frozen (arrays of its own: the compiled step
-    refuses a captured array that is also one of its inputs, as the student's weights are)."""
-    if cfg.loss == "distill":
-        teacher = pretrained.load(cfg.pretrained).model  # read now: a compiled step must not capture lazy arrays
-        teacher.freeze()
-        return make_distill_loss(teacher, cfg.kl_weight)
-    return loss_fn
+def make_loss(cfg, model: nn.Module) -> Callable:
+    """The training loss of `model`, decided here only: next-token cross-entropy, or distillation
+    from the starting model. Full QAT loads that model a second time, frozen (arrays of its own:
+    the compiled step refuses a captured array that is also one of its inputs, as the student's
+    weights are); low-rank QAT reads it from the student's own frozen base (`lowrank.teacher_of`:
+    the same W0, no second copy)."""
+    if cfg.loss != "distill":
+        return loss_fn
+    if cfg.fine_tune_type == "lora":
+        return make_distill_loss(lowrank.teacher_of(model), cfg.kl_weight)
+    teacher = pretrained.load(cfg.pretrained).model  # read now: a compiled step must not capture lazy arrays
+    teacher.freeze()
+    return make_distill_loss(teacher, cfg.kl_weight)
 
 
 def make_optimizer(cfg) -> optim.MultiOptimizer:
@@ -103,7 +107,7 @@ def build_step(model: nn.Module, cfg, optimizer: Optional[optim.Optimizer] = Non
     and for anything that times it on a freshly built model."""
     apply_memory_options(model, cfg)
     optimizer = make_optimizer(cfg) if optimizer is None else optimizer
-    loss = make_loss(cfg) if loss is None else loss
+    loss = make_loss(cfg, model) if loss is None else loss
     return optimizer, make_train_step(model, optimizer, cfg.grad_clip, group, loss)
 
 

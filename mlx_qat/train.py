@@ -119,7 +119,7 @@ def build(cfg: config.TrainConfig, dataset: data.TokenData, group, base: Optiona
     model = base.model if base is not None else models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)
     plan = plan_run(cfg, models.num_params(model))  # before freezing: N counts every weight
     schedule = make_schedule(cfg, plan)
-    loss = make_loss(cfg)
+    loss = make_loss(cfg, model)
     optimizer, step_fn = build_step(model, cfg, group=group, loss=loss)
     return RunState(cfg, plan, schedule, model, optimizer, step_fn, group, loss, base)
 

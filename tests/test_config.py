@@ -337,8 +337,8 @@ def test_lora_keys_in_mlx_lms_vocabulary():
     assert config.TrainConfig(lora_parameters=None).lora_parameters == config.default("lora_parameters")
     assert config.default("lora_parameters") == {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}
     assert config.default("fine_tune_type") == "full" and config.default("num_layers") is None
+    assert config.resolve({"pretrained": "m", "fine_tune_type": "lora", "loss": "distill"}).loss == "distill"
     for values, message in (
-        (dict(loss="distill"), "loss: distill with fine_tune_type: lora is not supported yet"),
         (dict(qat_fraction=0.5), "qat_fraction=0.5 cannot be used with fine_tune_type: lora"),
         (dict(lora_parameters={"dropout": 0.1}, grad_checkpoint=True), "lora_parameters.dropout=0.1 with grad_checkpoint"),
     ):

@@ -16,8 +16,9 @@ from conftest import tiny_llama
 from mlx_qat import QuantSpec
 from mlx_qat.export import export
 from mlx_qat.layers import QAT_LAYERS, qat_specs, quant_specs, to_qat
-from mlx_qat.lowrank import (LowRankQATLinear, adapter_config, adapter_weights, lowrank_layers, merge, merged, save_adapter,
-                             to_lowrank_qat)
+from mlx_qat.distill import make_distill_loss
+from mlx_qat.lowrank import (LowRankQATLinear, adapter_config, adapter_weights, frozen_base, lowrank_layers, merge, merged,
+                             save_adapter, teacher_of, to_lowrank_qat)
 
 SPEC = QuantSpec(2, 64)
 IDS = mx.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5]])
@@ -174,3 +175,26 @@ def test_dropout_perturbs_the_low_rank_path_in_training_only():
     model.eval()
     assert mx.array_equal(model(IDS), want).item()
     assert mx.array_equal(merge(model)(IDS), want).item()  # eval: exactly the merged grid
+
+
+def test_the_frozen_base_is_the_pretrained_model_and_the_distillation_teacher():
+    model = lowrank(dropout=0.5, num_layers=1)  # adapters, frozen QAT layers and the quantized embedding
+    train(model, 3)  # the adapters and α move off their start
+    with frozen_base(model):  # W0 alone, bit for bit: no adapter, no grid, and no dropout though training
+        assert model.training and mx.array_equal(model(IDS), base()(IDS)).item()
+    model.eval()
+    quantized = model(IDS)
+    with frozen_base(model):
+        assert not mx.array_equal(model(IDS), quantized).item()
+    assert mx.array_equal(model(IDS), quantized).item()  # the QAT form is back
+
+    # distillation from the student's own base equals distillation from a second copy of the model,
+    # also inside a compiled step (the flag is read while tracing)
+    tokens = mx.concatenate([IDS, IDS[:, :1]], axis=1)
+    own, copy = make_distill_loss(teacher_of(model)), make_distill_loss(base())
+    assert own(model, tokens).item() == pytest.approx(copy(model, tokens).item(), rel=1e-6)
+    assert own(model, tokens).item() > 0  # the student is on its grid, the teacher is not
+    loss_and_grad = nn.value_and_grad(model, own)
+    loss, grads = mx.compile(lambda batch: loss_and_grad(model, batch), inputs=model.state, outputs=model.state)(tokens)
+    assert loss.item() == pytest.approx(copy(model, tokens).item(), rel=1e-5)
+    assert keys_of(grads) == keys_of(model.trainable_parameters())

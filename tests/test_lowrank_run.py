@@ -2,9 +2,11 @@
 checkpoints of the trainables alone, resume after a kill, grad_checkpoint, the export of the
 merged model and the adapter alone, and the refusals."""
 
+import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
@@ -16,7 +18,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import load_adapters
 
 from conftest import sigkill_after_first_checkpoint
-from mlx_qat import checkpoint, config, data, report, train
+from mlx_qat import checkpoint, config, data, pretrained, report, train
 from mlx_qat.evaluate import evaluate
 from mlx_qat.export import main as export_main
 from mlx_qat.lowrank import LowRankQATLinear, lowrank_layers
@@ -120,6 +122,20 @@ def test_a_lora_run_trains_the_adapters_on_the_frozen_base_and_exports_both(bpe,
                                rtol=0, atol=1e-5)
 
 
+def test_a_lora_run_distills_from_its_own_frozen_base(bpe, corpus, tmp_path, monkeypatch):
+    path = base_dir(bpe, tmp_path / "model")
+    callers = []
+    monkeypatch.setattr(pretrained, "load", lambda *a, **k: callers.append(Path(inspect.stack()[1].filename).name)
+                        or load(*a, **k))
+    cfg = start_config(path, corpus, tmp_path, **LORA, loss="distill", num_layers=1)
+    summary = train.run(cfg, tmp_path / "run", show_progress=False)
+    # the base is read to train, and again after training for the reference and PTQ losses: the teacher is the
+    # trained model's frozen view, never a second copy beside it
+    assert callers == ["train.py", "baselines.py"]
+    first = step_losses(tmp_path / "run")[1]
+    assert 0 < first < 0.5 * summary["reference_val_loss"]  # a KL from the base's own distribution, not a cross-entropy
+
+
 class Killed(Exception):
     pass
 
@@ -190,7 +206,6 @@ def test_lora_refusals_come_before_the_data(bpe, tmp_path, capsys):
         return cli_error(capsys, "--init-from", path, "--out", out, "--data", missing, "--fine-tune-type", "lora", *more)
 
     assert "fine_tune_type: lora needs a pretrained start" in cli_error(capsys, "--out", out, "--fine-tune-type", "lora")
-    assert "loss: distill with fine_tune_type: lora is not supported yet" in start("--loss", "distill")
     assert "num_layers=3: the model has 2 blocks" in start("--num-layers", "3")
     assert "['attn.q']" in start("--lora-parameters", "{keys: [attn.q]}") and "self_attn.q_proj" in start(
         "--lora-parameters", "{keys: [attn.q]}")
