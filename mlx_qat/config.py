@@ -31,6 +31,7 @@ from .schedule import SCHEDULES, make_schedule, plan_run
 LOSSES = ("ce", "distill")
 COMPARISONS = ("dwq",)
 FINE_TUNE_TYPES = ("full", "lora")
+QUANTIZED_BASES = ("dequantize", "packed")
 LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}  # mlx-lm's (keys: every Linear of a block)
 
 
@@ -249,6 +250,10 @@ class TrainConfig:
     num_layers: Optional[int] = key(None, "lora: adapt the last num_layers transformer blocks (null: all); the other "
                                     "blocks' weights are frozen, their α learns", "null (all blocks) or a positive "
                                     "integer, e.g. 16", positive)
+    quantized_base: str = key("dequantize", "lora, from a quantized mlx-lm checkpoint: dequantize its weights to 16 bits, "
+                              "or keep them packed as the frozen base (QLoRA's: about 1.06 bytes a weight at 8 bits "
+                              "in groups of 64, dequantized inside each step)", f"one of {', '.join(QUANTIZED_BASES)}",
+                              lambda v: v in QUANTIZED_BASES)
     # the training loss (validation is always next-token cross-entropy)
     loss: str = key("ce", "ce (next-token cross-entropy) or distill (KL to the frozen starting model; needs pretrained)",
                     f"one of {', '.join(LOSSES)}", lambda v: v in LOSSES, section="loss")
@@ -368,7 +373,14 @@ class TrainConfig:
             if self.num_layers is not None:
                 raise ValueError(f"num_layers={self.num_layers} chooses the blocks that fine_tune_type: lora adapts; "
                                  "full QAT trains every block: drop num_layers, or set fine_tune_type: lora")
+            if self.quantized_base == "packed":
+                raise ValueError("quantized_base: packed keeps a frozen base packed; full QAT trains every weight in "
+                                 "float32: drop quantized_base, or set fine_tune_type: lora")
             return
+        if self.quantized_base == "packed" and str(self.pretrained).endswith(".gguf"):
+            raise ValueError(f"quantized_base: packed keeps an mlx-lm checkpoint's packed weights; {self.pretrained} is a "
+                             "GGUF, whose blocks are dequantized on load: drop quantized_base, or start from an mlx-lm "
+                             "quantized directory (mlx_lm.convert -q)")
         if self.qat_fraction != 1:
             raise ValueError(f"qat_fraction={self.qat_fraction!r} cannot be used with fine_tune_type: lora, which is "
                              "QAT from token 0 (the base stays frozen: there is no FP phase): leave qat_fraction unset "

@@ -229,7 +229,8 @@ def _refuse(path: str, module: nn.Module) -> None:
                          "weights; build or load the model unquantized (without its `quantization` config)")
 
 
-def quant_specs(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[QuantSpec] = None) -> Dict[str, QuantSpec]:
+def quant_specs(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[QuantSpec] = None,
+                packed: bool = False) -> Dict[str, QuantSpec]:
     """Which module of an mlx-lm model gets which spec: {module path: QuantSpec}.
 
     Every nn.Linear inside the transformer blocks (`model.layers`, as mlx-lm models expose
@@ -237,7 +238,9 @@ def quant_specs(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[Quan
     an untied `lm_head` get `embedding_spec`, by default max(B, 4) bits at the same group size
     and mode (`default_embedding_bits`; in an FP mode that is the mode itself, B being 4 or 8).
     Norms and all else stay in full precision. A ValueError names a module it cannot place: a
-    QAT or already quantized layer, or an nn.Linear outside the blocks other than `lm_head`.
+    QAT or (unless `packed`) an already quantized layer, or an nn.Linear outside the blocks other
+    than `lm_head`. `packed`: MLX's packed layers are placed as their float kinds are (a low-rank
+    QAT base kept packed: mlx_qat.lowrank).
     """
     if embedding_spec is None:
         embedding_spec = QuantSpec(default_embedding_bits(spec.bits), spec.group_size, spec.mode)
@@ -248,16 +251,19 @@ def quant_specs(model: nn.Module, spec: QuantSpec, embedding_spec: Optional[Quan
                          "yourself and pass it to to_qat")
     modules = model.named_modules()
     path_of = {id(m): path for path, m in modules}
+    linear = (nn.Linear, nn.QuantizedLinear) if packed else nn.Linear
+    embedding = (nn.Embedding, nn.QuantizedEmbedding) if packed else nn.Embedding
     in_blocks = {".".join(filter(None, (path_of[id(block)], name))) for block in blocks
-                 for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+                 for name, m in block.named_modules() if isinstance(m, linear)}
     specs = {}
     for path, m in reversed(modules):  # named_modules lists children last; paths read top-down
-        _refuse(path, m)
+        if not (packed and isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))):
+            _refuse(path, m)
         if path in in_blocks:
             specs[path] = spec
-        elif isinstance(m, nn.Embedding) or (isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] == "lm_head"):
+        elif isinstance(m, embedding) or (isinstance(m, linear) and path.rsplit(".", 1)[-1] == "lm_head"):
             specs[path] = embedding_spec
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, linear):
             raise ValueError(f"{path} is an nn.Linear outside the transformer blocks and is not lm_head: quant_specs "
                              "does not know its spec; add it to (or leave it out of) the dict yourself before to_qat")
     return specs

@@ -49,38 +49,108 @@ from .layers import SCALE, QATEmbedding, QATLinear, fake_quantized
 from .quantizers import QuantSpec, init_scale
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")  # mlx-lm's parameter names
+LINEAR = (nn.Linear, nn.QuantizedLinear)  # what a low-rank layer adapts: a float or a packed base
 TRAINABLE = (*ADAPTER_LEAVES, SCALE)
 
 
-def _fake_quant32(w: mx.array, alpha: Optional[mx.array], spec: QuantSpec) -> mx.array:
-    """ŵ of float32(w), on the grid the export packs (float32, whatever W's dtype)."""
-    return fake_quantized(w.astype(mx.float32), alpha, spec)
+# ---------------------------------------------------------------- the frozen base W0
+
+
+def base_weight(layer: nn.Module, dtype: Optional[mx.Dtype] = mx.float32) -> mx.array:
+    """W0 of a frozen-base layer as a float array of `dtype` (None: as stored, the 16-bit dtype
+    of the weight, or of a packed base's scales). A packed base (`keep_packed`) is dequantized:
+    the transient float copy exists only inside the step."""
+    if "scales" not in layer:
+        return layer.weight if dtype is None else layer.weight.astype(dtype)
+    return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.base_group_size, layer.base_bits,
+                         layer.base_mode, dtype=layer.scales.dtype if dtype is None else dtype)
+
+
+def base_shape(layer: nn.Module) -> tuple:
+    """W0's [out, in] (or [vocabulary, dims]) shape, packed or not."""
+    if "scales" not in layer:
+        return tuple(layer.weight.shape)
+    return layer.weight.shape[0], layer.scales.shape[1] * layer.base_group_size
+
+
+def keep_packed(layer: nn.Module, packed: nn.Module) -> nn.Module:
+    """Store W0 as `packed` (an nn.QuantizedLinear or nn.QuantizedEmbedding of the base) holds
+    it: its packed weight, scales and biases, 1 + 16/group_size bytes per weight at 8 bits
+    instead of 2 (QLoRA's base). Returns `layer`."""
+    layer.weight, layer.scales = packed.weight, packed.scales
+    if packed.get("biases") is not None:
+        layer.biases = packed.biases
+    layer.base_group_size, layer.base_bits, layer.base_mode = packed.group_size, packed.bits, packed.mode
+    return layer
+
+
+def _float_view(module: nn.Module) -> nn.Module:
+    """`module` itself, or for a packed one a bare module holding its W0 as a float array
+    (dequantized in its scales' dtype) and its bias: what a frozen-base layer is built from
+    before its W0 is packed again. Bare, so that it draws no random initialisation: a packed and
+    a float base convert with the same random numbers."""
+    if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return module
+    view = nn.Module()
+    view.weight = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                                module.mode)
+    if "bias" in module:
+        view.bias = module.bias
+    return view
+
+
+def _frozen(module: nn.Module, spec: QuantSpec, make) -> nn.Module:
+    """`make(float view of module)`, with W0 packed again if the base was packed and α from the
+    float32 W0 that training dequantizes."""
+    layer = make(_float_view(module), spec)
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        keep_packed(layer, module)
+        if not spec.is_fp:
+            layer.alpha = init_scale(base_weight(layer), spec)
+    return layer
 
 
 class FrozenQATLinear(QATLinear):
-    """A QATLinear over a frozen 16-bit base weight: ŵ = fake_quant(float32(W), α), so its
-    output is on the export's float32 grid while W stays 16-bit in memory."""
+    """A QATLinear over a frozen base weight W0, 16-bit or packed: ŵ = fake_quant(float32(W0), α),
+    so its output is on the export's float32 grid while W0 stays as it was stored."""
 
     base_only = False  # see frozen_base
 
+    @classmethod
+    def from_base(cls, module: nn.Module, spec: QuantSpec) -> "FrozenQATLinear":
+        """From an nn.Linear or a packed nn.QuantizedLinear (kept packed)."""
+        return _frozen(module, spec, cls.from_linear)
+
     def quantized_weight(self) -> mx.array:
-        return self.weight if self.base_only else _fake_quant32(self.weight, self.get(SCALE), self.spec)
+        return base_weight(self, None) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
+
+    def _extra_repr(self) -> str:
+        return f"{base_shape(self)[1]}, {base_shape(self)[0]}, bias={'bias' in self}, {self.spec}, frozen base"
 
 
 class FrozenQATEmbedding(QATEmbedding):
-    """A QATEmbedding over a frozen 16-bit base weight (see FrozenQATLinear)."""
+    """A QATEmbedding over a frozen base weight (see FrozenQATLinear)."""
 
     base_only = False  # see frozen_base
 
+    @classmethod
+    def from_base(cls, module: nn.Module, spec: QuantSpec) -> "FrozenQATEmbedding":
+        """From an nn.Embedding or a packed nn.QuantizedEmbedding (kept packed)."""
+        return _frozen(module, spec, cls.from_embedding)
+
     def quantized_weight(self) -> mx.array:
-        return self.weight if self.base_only else _fake_quant32(self.weight, self.get(SCALE), self.spec)
+        return base_weight(self, None) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
+
+    def _extra_repr(self) -> str:
+        return f"{base_shape(self)[0]}, {base_shape(self)[1]}, {self.spec}, frozen base"
 
 
 class LowRankQATLinear(nn.Module):
     """y = x ŵᵀ + b, ŵ = fake_quant(float32(W0) + s·(A B)ᵀ, α, spec) (see the module docstring).
 
-    weight: W0 [out, in], frozen, in its own dtype. lora_a [in, r] ~ U(±1/√in), lora_b [r, out] = 0,
-    scale s: as mlx-lm's LoRALinear. α [out, in / group] = init_scale(W0) (none in an FP mode).
+    weight: W0 [out, in], frozen, in its own dtype, or packed (`keep_packed`, with scales and
+    biases). lora_a [in, r] ~ U(±1/√in), lora_b [r, out] = 0, scale s: as mlx-lm's LoRALinear.
+    α [out, in / group] = init_scale(W0) (none in an FP mode).
 
     dropout p (training only) acts on the low-rank path's input, as in LoRA, by a correction that
     is zero in eval: y += s·((drop(x) − x) A) B. To first order (STE) the update then sees drop(x)
@@ -90,10 +160,12 @@ class LowRankQATLinear(nn.Module):
     base_only = False  # see frozen_base
 
     def __init__(self, weight: mx.array, spec: QuantSpec, rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
-                 bias: Optional[mx.array] = None):
+                 bias: Optional[mx.array] = None, packed: Optional[nn.QuantizedLinear] = None):
         super().__init__()
         output_dims, input_dims = weight.shape
         self.weight = weight
+        if packed is not None:
+            keep_packed(self, packed)
         if bias is not None:
             self.bias = bias
         self.spec = spec
@@ -108,20 +180,22 @@ class LowRankQATLinear(nn.Module):
             self.alpha = init_scale(self.merged_weight(), spec)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, rank: int = 8, scale: float = 20.0,
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec, rank: int = 8, scale: float = 20.0,
                     dropout: float = 0.0) -> "LowRankQATLinear":
-        return cls(linear.weight, spec, rank, scale, dropout, linear.get("bias"))
+        """From an nn.Linear, or a packed nn.QuantizedLinear whose W0 stays packed."""
+        packed = linear if isinstance(linear, nn.QuantizedLinear) else None
+        return cls(_float_view(linear).weight, spec, rank, scale, dropout, linear.get("bias"), packed)
 
     def merged_weight(self) -> mx.array:
         """W = float32(W0) + s·(A B)ᵀ [out, in], float32; computed, never stored."""
-        return self.weight.astype(mx.float32) + self.scale * (self.lora_a @ self.lora_b).T
+        return base_weight(self) + self.scale * (self.lora_a @ self.lora_b).T
 
     def quantized_weight(self) -> mx.array:
-        return _fake_quant32(self.merged_weight(), self.get(SCALE), self.spec)
+        return fake_quantized(self.merged_weight(), self.get(SCALE), self.spec)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.base_only:
-            y = x @ self.weight.T
+            y = x @ base_weight(self, None).T
             return y + self.bias if "bias" in self else y
         y = x @ self.quantized_weight().T
         if self.training and self.dropout > 0:
@@ -130,7 +204,7 @@ class LowRankQATLinear(nn.Module):
         return y + self.bias if "bias" in self else y
 
     def _extra_repr(self) -> str:
-        (output_dims, input_dims), rank = self.weight.shape, self.lora_a.shape[1]
+        (output_dims, input_dims), rank = base_shape(self), self.lora_a.shape[1]
         return f"{input_dims}, {output_dims}, rank={rank}, scale={self.scale}, dropout={self.dropout}, {self.spec}"
 
 
@@ -185,14 +259,14 @@ def lowrank_paths(model: nn.Module, keys: Optional[List[str]] = None, num_layers
     for block in blocks[len(blocks) - n:]:
         for path, m in modules.items():
             key = path[len(block) + 1:]
-            if path.startswith(block + ".") and (key in keys if keys is not None else isinstance(m, nn.Linear)):
-                if not isinstance(m, nn.Linear):
+            if path.startswith(block + ".") and (key in keys if keys is not None else isinstance(m, LINEAR)):
+                if not isinstance(m, LINEAR):
                     raise ValueError(f"{path} is a {type(m).__name__}; low-rank QAT adapts nn.Linear modules only")
                 lowrank.append(path)
                 found.add(key)
     if keys is not None and set(keys) - found:
         last = blocks[-1] + "."
-        linears = sorted(p[len(last):] for p, m in modules.items() if p.startswith(last) and isinstance(m, nn.Linear))
+        linears = sorted(p[len(last):] for p, m in modules.items() if p.startswith(last) and isinstance(m, LINEAR))
         raise ValueError(f"keys {sorted(set(keys) - found)} name no module in the last {n} blocks; a block's "
                          f"nn.Linear modules are {', '.join(linears)}")
     return sorted(lowrank)
@@ -220,10 +294,10 @@ def to_lowrank_qat(model: nn.Module, specs: Dict[str, QuantSpec], rank: int, sca
         try:
             if path in lowrank:
                 converted.append((path, LowRankQATLinear.from_linear(m, spec, rank, scale, dropout)))
-            elif type(m) is nn.Linear:
-                converted.append((path, FrozenQATLinear.from_linear(m, spec)))
-            elif type(m) is nn.Embedding:
-                converted.append((path, FrozenQATEmbedding.from_embedding(m, spec)))
+            elif type(m) in (nn.Linear, nn.QuantizedLinear):
+                converted.append((path, FrozenQATLinear.from_base(m, spec)))
+            elif type(m) in (nn.Embedding, nn.QuantizedEmbedding):
+                converted.append((path, FrozenQATEmbedding.from_base(m, spec)))
             else:
                 found = "no such module" if m is None else f"a {type(m).__name__}"
                 raise ValueError(f"is {found}; a spec applies to an nn.Linear or nn.Embedding")
@@ -264,26 +338,32 @@ def load_trainable(model: nn.Module, weights: Dict[str, mx.array]) -> None:
     model.update(tree_unflatten(list(weights.items())))
 
 
-def merged(layer: LowRankQATLinear) -> QATLinear:
-    """The plain QATLinear of a low-rank layer: weight W = float32(W0) + s·(A B)ᵀ, the learned α,
-    same spec and bias. Its ŵ is the low-rank layer's bit for bit, and export packs it losslessly."""
-    output_dims, input_dims = layer.weight.shape
-    plain = QATLinear(input_dims, output_dims, bias="bias" in layer, spec=layer.spec)
-    plain.weight = layer.merged_weight()
-    if "bias" in layer:
-        plain.bias = layer.bias
+def merged(layer: nn.Module) -> nn.Module:
+    """The plain QAT layer of a low-rank layer, or of a frozen layer whose base is packed: weight
+    W = float32(W0) + s·(A B)ᵀ (low-rank) or float32(W0), the learned α, the same spec and bias.
+    Its ŵ is the layer's bit for bit, and export packs it losslessly."""
+    if isinstance(layer, FrozenQATEmbedding):
+        plain = QATEmbedding(*base_shape(layer), spec=layer.spec)
+        plain.weight = base_weight(layer)
+    else:
+        output_dims, input_dims = base_shape(layer)
+        plain = QATLinear(input_dims, output_dims, bias="bias" in layer, spec=layer.spec)
+        plain.weight = layer.merged_weight() if isinstance(layer, LowRankQATLinear) else base_weight(layer)
+        if "bias" in layer:
+            plain.bias = layer.bias
     if SCALE in layer:
         plain.alpha = layer.alpha
     return plain
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every LowRankQATLinear by `merged(layer)`, in place; return the model, ready for
-    `export.export`. The merged weights are float32: merge for export, not for training. A model
-    without low-rank layers is returned as it is."""
-    layers = lowrank_layers(model)
+    """Replace every LowRankQATLinear, and every frozen layer whose base is packed, by
+    `merged(layer)`, in place; return the model, ready for `export.export`. The merged weights
+    are float32: merge for export, not for training. A model with neither is returned as it is."""
+    layers = [(p, m) for p, m in model.named_modules()
+              if isinstance(m, LowRankQATLinear) or (isinstance(m, FROZEN_BASE_LAYERS) and "scales" in m)]
     if layers:
-        model.update_modules(tree_unflatten([(p, merged(m)) for p, m in layers.items()]))
+        model.update_modules(tree_unflatten([(p, merged(m)) for p, m in layers]))
     return model
 
 

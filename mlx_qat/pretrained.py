@@ -47,20 +47,23 @@ class Pretrained:
     source: str
 
 
-def load(path: Union[str, Path], dtype: Optional[mx.Dtype] = mx.float32, lazy: bool = False) -> Pretrained:
+def load(path: Union[str, Path], dtype: Optional[mx.Dtype] = mx.float32, lazy: bool = False,
+         packed: bool = False) -> Pretrained:
     """Load a pretrained model to start QAT from: an mlx-lm / Hugging Face model directory
     (safetensors + config.json + tokenizer files, quantized or not) or a llama `.gguf` file.
     dtype: the float type of the weights (float32: the master weights QAT trains), or None: the
     checkpoint's own 16-bit type (`half_dtype`), for a base that stays frozen (low-rank QAT).
     lazy: build the model and check it, but leave a directory's weights unread until they are
-    first evaluated (a GGUF file is read whole either way; only its dequantization waits)."""
+    first evaluated (a GGUF file is read whole either way; only its dequantization waits).
+    packed: a quantized directory's packed layers stay packed (their scales in `dtype`), for a
+    frozen base that low-rank QAT dequantizes inside each step; a GGUF is dequantized regardless."""
     path = Path(path)
     if dtype is not None and not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"dtype={dtype}; use a float type (mx.float32, mx.bfloat16, mx.float16)")
     if path.is_file() and path.suffix == ".gguf":
         start = _load_gguf(path, dtype)
     elif (path / "config.json").is_file():
-        start = _load_directory(path, dtype)
+        start = _load_directory(path, dtype, packed)
     else:
         raise _not_a_model(path)
     if not lazy:
@@ -94,7 +97,7 @@ def export_config(pretrained: Pretrained, model: nn.Module) -> dict:
     return config
 
 
-def _load_directory(path: Path, dtype: mx.Dtype) -> Pretrained:
+def _load_directory(path: Path, dtype: mx.Dtype, packed: bool = False) -> Pretrained:
     config = load_config(path)
     name = _architecture(config, path)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -106,8 +109,9 @@ def _load_directory(path: Path, dtype: mx.Dtype) -> Pretrained:
         raise ValueError(f"{path} has a config.json but no model*.safetensors: pass a complete model directory") from None
     dtype = dtype or half_dtype({v.dtype for _, v in tree_flatten(model.parameters())})  # lazy: the dtypes are known
     model.set_dtype(dtype)  # before dequantizing, so that packed weights dequantize in `dtype`
-    dequantize_model(model)
-    _check_layers(model, name)
+    if not packed:
+        dequantize_model(model)
+    _check_layers(model, name, packed)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     _check_vocabulary(len(tokenizer), _embedding_rows(model), path)
     config = {k: v for k, v in config.items() if k not in QUANTIZATION_KEYS}
@@ -143,21 +147,22 @@ def _check_not_qat(path: Path) -> None:
                              "`python -m mlx_qat.export`, or continue its run with --init-from its checkpoint")
 
 
-def _check_layers(model: nn.Module, name: str) -> None:
+def _check_layers(model: nn.Module, name: str, packed: bool = False) -> None:
     """Refuse a model QAT would only partly train: every weight matrix must be an nn.Linear or
-    nn.Embedding that `quant_specs` places."""
+    nn.Embedding (or, kept `packed`, their packed kinds) that `quant_specs` places."""
     try:
-        quant_specs(model, QuantSpec())
+        quant_specs(model, QuantSpec(), packed=packed)
     except ValueError as e:
         raise ValueError(f"{name} is not supported: {e}") from None
+    kinds = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding) if packed else (nn.Linear, nn.Embedding)
     for path, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Embedding)) and getattr(m.get("weight"), "ndim", 0) > 1:
+        if not isinstance(m, kinds) and getattr(m.get("weight"), "ndim", 0) > 1:
             raise ValueError(f"{name} is not supported: {path} is a {type(m).__name__}, and QAT trains only "
                              "nn.Linear and nn.Embedding weights; use an architecture whose projections are nn.Linear")
 
 
 def _embedding_rows(model: nn.Module) -> int:
-    return next(m.weight.shape[0] for _, m in model.named_modules() if isinstance(m, nn.Embedding))
+    return next(m.weight.shape[0] for _, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)))
 
 
 def _check_vocabulary(tokens: int, rows: int, source) -> None:

@@ -100,7 +100,8 @@ def load_base(start: Start, cfg: config.TrainConfig) -> Optional[pretrained.Pret
     if start.pretrained is None:
         return None
     low_rank = cfg.fine_tune_type == "lora"
-    base = pretrained.load(start.pretrained, dtype=None if low_rank else mx.float32, lazy=True)
+    base = pretrained.load(start.pretrained, dtype=None if low_rank else mx.float32, lazy=True,
+                           packed=cfg.quantized_base == "packed")
     if low_rank:
         lowrank.lowrank_paths(base.model, cfg.lora_parameters["keys"], cfg.num_layers)
     return base
@@ -151,8 +152,8 @@ def switch_to_qat(state: RunState, specs=None) -> None:
     modules' lora_a drawn from the run's seed, every other weight frozen, α learning), and no
     moment is kept: the trainables are new, and the base's moments would only take memory."""
     cfg = state.cfg
-    specs = specs if specs is not None else quant_specs(state.model, cfg.spec, cfg.embedding_spec)
     low_rank = cfg.fine_tune_type == "lora"
+    specs = specs if specs is not None else quant_specs(state.model, cfg.spec, cfg.embedding_spec, packed=low_rank)
     if low_rank:
         mx.random.seed(cfg.seed)  # lora_a's initialisation: the same in every run of this config
         lowrank.to_lowrank_qat(state.model, specs, **cfg.lora_arguments)

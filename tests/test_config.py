@@ -99,6 +99,8 @@ BAD = [
     ("lora_parameters", {"rnak": 8}, "unknown key 'rnak' in lora_parameters; did you mean 'rank'?"),
     ("num_layers", 0, None), ("num_layers", -1, None), ("num_layers", "all", None),
     ("num_layers", 4, "num_layers=4 chooses the blocks that fine_tune_type: lora adapts"),
+    ("quantized_base", "keep", None), ("quantized_base", True, None),
+    ("quantized_base", "packed", "quantized_base: packed keeps a frozen base packed; full QAT trains"),
 ]
 
 

@@ -8,9 +8,10 @@ import mlx.optimizers as optim
 import mlx_lm
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import dequantize_model
 
 from conftest import tiny_llama
 from mlx_qat import QuantSpec
@@ -198,3 +199,56 @@ def test_the_frozen_base_is_the_pretrained_model_and_the_distillation_teacher():
     loss, grads = mx.compile(lambda batch: loss_and_grad(model, batch), inputs=model.state, outputs=model.state)(tokens)
     assert loss.item() == pytest.approx(copy(model, tokens).item(), rel=1e-5)
     assert keys_of(grads) == keys_of(model.trainable_parameters())
+
+
+def packed_base(bits: int = 8) -> nn.Module:
+    """The base quantized by MLX (blocks and embedding at `bits`, groups of 64): QLoRA's base."""
+    model = base()
+    nn.quantize(model, group_size=64, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def lowrank_of(model: nn.Module, spec=SPEC, **kwargs) -> nn.Module:
+    mx.random.seed(0)  # lora_a's draw: the same for every model converted here
+    return to_lowrank_qat(model, quant_specs(model, spec, packed=True), 4, 2.0, num_layers=1, **kwargs)
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """A packed base with its packed layers as float32 ones of the same values (the rest as it is)."""
+    floats = []
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, dtype=mx.float32)
+            plain = nn.Embedding(*w.shape) if isinstance(m, nn.QuantizedEmbedding) else nn.Linear(w.shape[1], w.shape[0], False)
+            plain.weight = w
+            floats.append((path, plain))
+    model.update_modules(tree_unflatten(floats))
+    return model
+
+
+@pytest.mark.parametrize("spec", [SPEC, QuantSpec(4, 32, "mxfp4")], ids=str)
+def test_a_packed_base_stays_packed_and_trains_as_its_float32_values(spec):
+    packed, plain = lowrank_of(packed_base(), spec), lowrank_of(dequantized(packed_base()), spec)
+    shapes = {v.shape for _, v in tree_flatten(base().parameters()) if v.ndim == 2}
+    for k, v in tree_flatten(packed.parameters()):  # W0 packed (uint32) everywhere; no float copy of a matrix
+        assert not (mx.issubdtype(v.dtype, mx.floating) and v.shape in shapes), k
+    assert keys_of(packed.trainable_parameters()) == keys_of(plain.trainable_parameters())
+    assert mx.array_equal(packed(IDS), plain(IDS)).item()  # W0 dequantized in float32 inside the step: the same grid
+    losses, _ = train(packed, 4)
+    want, _ = train(plain, 4)
+    assert losses == want and losses[-1] < losses[0]
+    assert mx.array_equal(packed(IDS), plain(IDS)).item()
+
+
+def test_a_packed_base_exports_losslessly_and_is_its_own_teacher(tokenizer_dir, tmp_path):
+    model = lowrank_of(packed_base())
+    with frozen_base(model):  # the teacher: the packed model dequantized as mlx-lm dequantizes it, bit for bit
+        assert mx.array_equal(model(IDS), dequantize_model(packed_base())(IDS)).item()
+    train(model, 3)
+    model.eval()
+    want = model(IDS)
+    export(merge(model), tmp_path / "m", tokenizer=tokenizer_dir)
+    assert not any("scales" in m for _, m in model.named_modules() if isinstance(m, (LowRankQATLinear, *QAT_LAYERS)))
+    loaded, _ = mlx_lm.load(str(tmp_path / "m"))
+    np.testing.assert_allclose(np.array(loaded(IDS)), np.array(want), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from mlx.utils import tree_flatten
+from mlx_lm.utils import quantize_model
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import load_adapters
 
@@ -22,7 +23,7 @@ from mlx_qat import checkpoint, config, data, pretrained, report, train
 from mlx_qat.evaluate import evaluate
 from mlx_qat.export import main as export_main
 from mlx_qat.lowrank import LowRankQATLinear, lowrank_layers
-from mlx_qat.model import from_config
+from mlx_qat.model import from_config, num_params
 from mlx_qat.pretrained import load
 from mlx_qat.start import StartError, check_same_fine_tuning
 
@@ -136,6 +137,24 @@ def test_a_lora_run_distills_from_its_own_frozen_base(bpe, corpus, tmp_path, mon
     assert 0 < first < 0.5 * summary["reference_val_loss"]  # a KL from the base's own distribution, not a cross-entropy
 
 
+def test_a_lora_run_keeps_a_quantized_base_packed(bpe, corpus, tmp_path):
+    config_ = {"model_type": "llama", **SMALL, **ARCHS["llama"]}
+    model = from_config(config_, seed=1)
+    model.set_dtype(mx.bfloat16)
+    quantized, config_ = quantize_model(model, config_, group_size=64, bits=8)
+    path = save_directory(tmp_path / "model", quantized, config_, bpe)
+    cfg = start_config(path, corpus, tmp_path, **LORA, num_layers=1, quantized_base="packed")
+    summary = train.run(cfg, tmp_path / "run", show_progress=False)
+    assert summary["exported_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    # rebuilt from the checkpoint: the base packed again, validating as the run did
+    rebuilt, _ = checkpoint.load_model(tmp_path / "run" / "checkpoint")
+    assert {v.dtype for k, v in tree_flatten(rebuilt.parameters()) if k.endswith(".weight") and v.ndim == 2} == {mx.uint32}
+    batches = list(data.eval_batches(data.load(cfg, load(path).tokenizer).val, cfg.batch_size, cfg.seq_len,
+                                     cfg.eval_batches))
+    assert evaluate(rebuilt, batches) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    assert summary["N"] == num_params(load(path).model)  # the packed weights counted as the matrices they are
+
+
 class Killed(Exception):
     pass
 
@@ -212,6 +231,12 @@ def test_lora_refusals_come_before_the_data(bpe, tmp_path, capsys):
     assert "lora_parameters.rank=0 must be a positive integer" in start("--lora-parameters", "{rank: 0}")
     assert "did you mean 'dropout'" in start("--lora-parameters", "{drop_out: 0.1}")
     assert "qat_fraction=0.5" in start("--qat-fraction", "0.5")
+    (tmp_path / "m.gguf").write_bytes(b"")  # refused by its name, before it is read
+    assert "quantized_base: packed keeps an mlx-lm checkpoint's packed weights" in cli_error(
+        capsys, "--init-from", tmp_path / "m.gguf", "--out", out, "--data", missing, "--fine-tune-type", "lora",
+        "--quantized-base", "packed")
+    assert "quantized_base: packed keeps a frozen base packed; full QAT" in cli_error(
+        capsys, "--init-from", path, "--out", out, "--data", missing, "--quantized-base", "packed")
     assert "grad_checkpoint" in start("--lora-parameters", "{dropout: 0.1}", "--grad-checkpoint", "true")
     assert "num_layers=1 chooses the blocks" in cli_error(capsys, "--init-from", path, "--out", out, "--num-layers", "1")
     assert not out.exists()
