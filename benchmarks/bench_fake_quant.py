@@ -1,5 +1,6 @@
 """fake_quant forward+backward: this path vs the naive straight-through composite, and
-effective bandwidth vs the machine's copy bandwidth, measured in one run.
+effective bandwidth vs the machine's copy bandwidth, measured in one run; for the float formats
+(mxfp4, nvfp4, mxfp8), this path vs their MLX-ops reference, compiled and eager.
 
 The naive composite is the usual autograd formulation (LSQ paper, ParetoQ's reference code
 style): ŵ = α_s · (x + stop_gradient(q(x) − x)) with the α gradient scaled by s through
@@ -11,7 +12,8 @@ MLX's buffer cache sized as training sizes it (step.keep_freed_buffers), as nump
 its destination; `ours_default_cache_ms` is the same call under MLX's default CPU cache (32 MB),
 where multi-MB outputs are fresh pages from the OS.
 
-    python benchmarks/bench_fake_quant.py [--bits 2 4] [--sizes 1 4 16 64] [--out benchmarks/results/fake_quant_cpu.json]
+    python benchmarks/bench_fake_quant.py [--bits 2 4] [--sizes 1 4 16 64] [--modes mxfp4 nvfp4 mxfp8]
+        [--out benchmarks/results/fake_quant_cpu.json]
 """
 
 import argparse
@@ -21,7 +23,8 @@ import time
 import mlx_qat  # noqa: F401  (fast BLAS first)
 from common import emit, machine
 from mlx_qat import QuantSpec, fake_quant, init_scale
-from mlx_qat.fakequant import select_backend
+from mlx_qat.fakequant import fake_quant_fp, select_backend
+from mlx_qat.fp_formats import FORMATS
 from mlx_qat.quantizers import CLIP, gradient_scale, level
 from mlx_qat.step import keep_freed_buffers
 
@@ -77,10 +80,30 @@ def copy_bandwidth(n: int, repeats: int) -> float:
     return 8 * n / best
 
 
+def float_format_row(mode: str, w, g, backend: str, copy: float, repeats: int) -> dict:
+    """A float format's fake-quant forward+backward: ours vs its MLX-ops reference (the same
+    straight-through VJP) compiled and eager; ŵ and dw are bit for bit the same in all three."""
+    def vjp(path):
+        return lambda w, g: mx.vjp(lambda w: fake_quant_fp(w, mode, backend=path), [w], [g])
+
+    ours, reference = mx.compile(vjp(backend)), mx.compile(vjp("mlx"))
+    t_ours = timed(lambda: ours(w, g), repeats)
+    t_compiled = timed(lambda: reference(w, g), repeats)
+    t_eager = timed(lambda: vjp("mlx")(w, g), repeats)
+    bandwidth = 20 * w.size / t_ours
+    return {"elements": w.size, "shape": list(w.shape), "mode": mode, "ours_ms": round(1e3 * t_ours, 2),
+            "reference_compiled_ms": round(1e3 * t_compiled, 2), "reference_eager_ms": round(1e3 * t_eager, 2),
+            "speedup_vs_reference_compiled": round(t_compiled / t_ours, 2),
+            "speedup_vs_reference_eager": round(t_eager / t_ours, 2), "effective_GBps": round(bandwidth / 1e9, 2),
+            "fraction_of_copy_bandwidth": round(bandwidth / copy, 3)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=float, nargs="+", default=[2, 4])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="millions of elements")
+    parser.add_argument("--modes", nargs="*", default=list(FORMATS), choices=list(FORMATS),
+                        help="float formats, each timed against its MLX-ops reference (compiled and eager)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
@@ -126,9 +149,13 @@ def main():
                 "fraction_of_copy_bandwidth": round(bandwidth / copy, 3),
             })
             print(json.dumps(rows[-1]))
+        for mode in args.modes:
+            rows.append(float_format_row(mode, w, g, backend, copy, args.repeats))
+            print(json.dumps(rows[-1]))
     result = {
         "command": "python benchmarks/bench_fake_quant.py " + " ".join(
-            [f"--bits {' '.join(map(str, args.bits))}", f"--sizes {' '.join(map(str, args.sizes))}"]),
+            [f"--bits {' '.join(map(str, args.bits))}", f"--sizes {' '.join(map(str, args.sizes))}",
+             f"--modes {' '.join(args.modes)}"]),
         "backend": backend,
         "device": str(mx.default_device()),
         "machine": machine(),

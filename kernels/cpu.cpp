@@ -6,6 +6,7 @@
 // gradient per group in vector registers (`omp simd reduction`: build with -fopenmp-simd).
 #include "host.h"
 #include "fake_quant.h"
+#include "fp_quant.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -99,6 +100,43 @@ void backward_groups(const T* w, const float* alpha, const T* cot, T* dw, float*
       sum += MUL(c, fake_quant_unit(x, KIND, qn, qp));
     }
     dalpha[g] = MUL(sum, grad_scale);
+  }
+}
+
+// The float formats (fp_quant.h), a group at a time: its amax once, then every element.
+template <typename T>
+float fp_group_amax(const T* wg, size_t group) {
+  float amax = 0.0f;
+  for (size_t i = 0; i < group; ++i) {
+    float m = ABS(float(wg[i]));
+    amax = m > amax ? m : amax;
+  }
+  return amax;
+}
+
+template <typename T, int FMT>
+void fp_forward_groups(const T* w, T* out, size_t group, size_t first, size_t last) {
+  for (size_t g = first; g < last; ++g) {
+    const T* wg = w + g * group;
+    T* og = out + g * group;
+    float amax = fp_group_amax(wg, group);
+    float divisor = fp_divisor(amax, FMT), dequant = fp_dequant(amax, FMT);
+    for (size_t i = 0; i < group; ++i) {
+      og[i] = T(MUL(fp_round(DIV(float(wg[i]), divisor), FMT), dequant));
+    }
+  }
+}
+
+template <typename T, int FMT>
+void fp_backward_groups(const T* w, const T* cot, T* dw, size_t group, size_t first, size_t last) {
+  for (size_t g = first; g < last; ++g) {
+    const T* wg = w + g * group;
+    const T* cg = cot + g * group;
+    T* dg = dw + g * group;  // may be cg itself (a donated buffer): each i reads before it writes
+    float divisor = fp_divisor(fp_group_amax(wg, group), FMT), top = fp_element_max(FMT);
+    for (size_t i = 0; i < group; ++i) {
+      dg[i] = ABS(DIV(float(wg[i]), divisor)) <= top ? cg[i] : T(0.0f);
+    }
   }
 }
 
@@ -225,6 +263,105 @@ class FakeQuantBackward : public mx::Primitive {
   float grad_scale_;
 };
 
+// Call f with the weight type and the float format as compile-time constants.
+template <typename F>
+void fp_dispatch(mx::Dtype dtype, int fmt, F f) {
+  dispatch(dtype, 3, [&](auto type_tag, auto) {
+    switch (fmt) {
+      case 0: return f(type_tag, std::integral_constant<int, 0>{});
+      case 1: return f(type_tag, std::integral_constant<int, 1>{});
+      default: return f(type_tag, std::integral_constant<int, 2>{});
+    }
+  });
+}
+
+struct FpParams {
+  int fmt, group;
+  bool operator==(const FpParams&) const = default;
+};
+
+class FpQuantForward : public mx::UnaryPrimitive {
+ public:
+  FpQuantForward(mx::Stream stream, FpParams p) : mx::UnaryPrimitive(stream), p_(p) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& w = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    prefer_huge_pages(out);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(w);
+    encoder.set_output_array(out);
+    encoder.dispatch([w = mx::array::unsafe_weak_copy(w), out = mx::array::unsafe_weak_copy(out), p = p_]() mutable {
+      fp_dispatch(out.dtype(), p.fmt, [&](auto type_tag, auto fmt) {
+        using T = decltype(type_tag);
+        const T* wp = w.data<T>();
+        T* op = out.data<T>();
+        parallel_groups(w.size() / p.group, p.group, [&](size_t first, size_t last) {
+          fp_forward_groups<T, fmt.value>(wp, op, p.group, first, last);
+        });
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("the fused CPU fake-quant kernel runs on the CPU only");
+  }
+
+  const char* name() const override { return "FpQuantForward"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return p_ == static_cast<const FpQuantForward&>(other).p_;
+  }
+
+ private:
+  FpParams p_;
+};
+
+class FpQuantBackward : public mx::UnaryPrimitive {
+ public:
+  FpQuantBackward(mx::Stream stream, FpParams p) : mx::UnaryPrimitive(stream), p_(p) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& dw) override {
+    auto& w = inputs[0];
+    auto& cot = inputs[1];
+    if (cot.is_donatable() && cot.flags().row_contiguous) {
+      dw.copy_shared_buffer(cot);
+    } else {
+      dw.set_data(mx::allocator::malloc(dw.nbytes()));
+      prefer_huge_pages(dw);
+    }
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(w);
+    encoder.set_input_array(cot);
+    encoder.set_output_array(dw);
+    encoder.dispatch([w = mx::array::unsafe_weak_copy(w), cot = mx::array::unsafe_weak_copy(cot),
+                      dw = mx::array::unsafe_weak_copy(dw), p = p_]() mutable {
+      fp_dispatch(dw.dtype(), p.fmt, [&](auto type_tag, auto fmt) {
+        using T = decltype(type_tag);
+        const T* wp = w.data<T>();
+        const T* cp = cot.data<T>();
+        T* dwp = dw.data<T>();
+        parallel_groups(w.size() / p.group, p.group, [&](size_t first, size_t last) {
+          fp_backward_groups<T, fmt.value>(wp, cp, dwp, p.group, first, last);
+        });
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("the fused CPU fake-quant kernel runs on the CPU only");
+  }
+
+  const char* name() const override { return "FpQuantBackward"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return p_ == static_cast<const FpQuantBackward&>(other).p_;
+  }
+
+ private:
+  FpParams p_;
+};
+
 // Checked here rather than trusted: a wrong shape would read out of bounds.
 Params checked(const mx::array& w, const mx::array& alpha, int kind, int qn, int qp) {
   if (w.ndim() != 2 || alpha.ndim() != 2 || alpha.shape(0) != w.shape(0) || alpha.shape(1) == 0 ||
@@ -264,6 +401,29 @@ std::pair<mx::array, mx::array> backward(const mx::array& w, const mx::array& al
   return {outputs[0], outputs[1]};
 }
 
+FpParams fp_checked(const mx::array& w, int fmt, int group) {
+  if (w.ndim() != 2 || group <= 0 || w.shape(1) % group != 0 || fmt < 0 || fmt > 2) {
+    throw std::invalid_argument("fake_quant_fp: needs W [out, in] with in a multiple of the group, and a format 0..2");
+  }
+  return FpParams{fmt, group};
+}
+
+mx::array fp_forward(const mx::array& w, int fmt, int group) {
+  auto p = fp_checked(w, fmt, group);
+  auto s = cpu_stream();
+  return mx::array(w.shape(), w.dtype(), std::make_shared<FpQuantForward>(s, p), {prepared(w, w.dtype(), s)});
+}
+
+mx::array fp_backward(const mx::array& w, const mx::array& cotangent, int fmt, int group) {
+  auto p = fp_checked(w, fmt, group);
+  if (cotangent.shape() != w.shape()) {
+    throw std::invalid_argument("fake_quant_fp: the cotangent must have the weight's shape");
+  }
+  auto s = cpu_stream();
+  return mx::array(w.shape(), w.dtype(), std::make_shared<FpQuantBackward>(s, p),
+                   {prepared(w, w.dtype(), s), prepared(cotangent, w.dtype(), s)});
+}
+
 }  // namespace
 
 NB_MODULE(_fake_quant_cpu, m) {
@@ -274,4 +434,8 @@ NB_MODULE(_fake_quant_cpu, m) {
         "ŵ on the affine grid of alpha; kind is the spec's Quantizer.kernel_id (0 binary, 1 ternary, 2 SEQ 2-bit, 3 LSQ).");
   m.def("backward", &backward, "w"_a, "alpha"_a, "cotangent"_a, "kind"_a, "qn"_a, "qp"_a, "grad_scale"_a,
         "(dw, dalpha): straight-through gradient and the per-group alpha gradient times grad_scale.");
+  m.def("fp_forward", &fp_forward, "w"_a, "fmt"_a, "group"_a,
+        "ŵ in a float format, its scale derived per group; fmt is fp_formats.KERNEL_IDS' (0 mxfp4, 1 nvfp4, 2 mxfp8).");
+  m.def("fp_backward", &fp_backward, "w"_a, "cotangent"_a, "fmt"_a, "group"_a,
+        "dw: the straight-through gradient (the cotangent where the element is not clipped).");
 }

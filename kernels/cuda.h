@@ -9,3 +9,6 @@ typedef unsigned int uint;
 #define ADD(a, b) __fadd_rn((a), (b))
 #define SUB(a, b) __fsub_rn((a), (b))
 #define DIV(a, b) __fdiv_rn((a), (b))
+#define AS_UINT(x) __float_as_uint(x)
+#define LDEXP(x, e) ldexpf((x), (e))
+#define AS_FLOAT(u) __uint_as_float(u)

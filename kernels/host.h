@@ -12,3 +12,17 @@ typedef unsigned int uint;
 #define ADD(a, b) ((a) + (b))
 #define SUB(a, b) ((a) - (b))
 #define DIV(a, b) ((a) / (b))
+#include <cstring>
+static inline uint host_as_uint(float x) {
+  uint u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+#define AS_UINT(x) host_as_uint(x)
+#define LDEXP(x, e) std::ldexp((x), (e))
+static inline float host_as_float(uint u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+#define AS_FLOAT(u) host_as_float(u)

@@ -2,6 +2,7 @@
 // Built by tests/test_kernels.py with the host compiler and called through ctypes.
 #include "host.h"
 #include "fake_quant.h"
+#include "fp_quant.h"
 
 #define CONSTANTS int KIND, int QN, int QP, int GROUP, int IN_FEATURES, int N_GROUPS, int N
 #define PASS_CONSTANTS KIND, QN, QP, GROUP, IN_FEATURES, N_GROUPS, N
@@ -33,3 +34,27 @@ EXPORT(f32, float)
 #ifdef __FLT16_MAX__
 EXPORT(f16, _Float16)
 #endif
+
+// The float formats' bodies (fp_quant_{forward,backward}.inc), one element per iteration.
+#define FP_CONSTANTS int FMT, int GROUP, int N
+
+template <typename T>
+void fp_forward(const T* w, T* out, FP_CONSTANTS) {
+  for (uint elem = 0; elem < uint(N); ++elem) {
+#include "fp_quant_forward.inc"
+  }
+}
+
+template <typename T>
+void fp_backward(const T* w, const T* cotangent, T* dw, FP_CONSTANTS) {
+  for (uint elem = 0; elem < uint(N); ++elem) {
+#include "fp_quant_backward.inc"
+  }
+}
+
+extern "C" void fp_forward_f32(const float* w, float* out, FP_CONSTANTS) {
+  fp_forward<float>(w, out, FMT, GROUP, N);
+}
+extern "C" void fp_backward_f32(const float* w, const float* cotangent, float* dw, FP_CONSTANTS) {
+  fp_backward<float>(w, cotangent, dw, FMT, GROUP, N);
+}

@@ -9,3 +9,6 @@
 #define ADD(a, b) ((a) + (b))
 #define SUB(a, b) ((a) - (b))
 #define DIV(a, b) metal::precise::divide((a), (b))
+#define AS_UINT(x) as_type<uint>(x)
+#define LDEXP(x, e) metal::ldexp((x), (e))
+#define AS_FLOAT(u) as_type<float>(u)

@@ -203,7 +203,8 @@ def _load_lowrank(path: Path, meta: dict) -> nn.Module:
 
     cfg = TrainConfig(**meta["config"])
     try:
-        model = pretrained.load(cfg.pretrained, dtype=None, packed=cfg.quantized_base == "packed").model  # the frozen base
+        # the frozen base, in its 16-bit dtype (or packed, as the run kept it)
+        model = pretrained.load(cfg.pretrained, dtype=None, packed=cfg.quantized_base == "packed").model
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(f"{path} holds a low-rank run's adapters and scales, whose base {cfg.pretrained} "
                               f"does not load ({e})") from e

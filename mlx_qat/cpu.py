@@ -30,7 +30,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 MODULE = "_fake_quant_cpu"
-SOURCES = ("host.h", "fake_quant.h", "cpu.cpp")
+SOURCES = ("host.h", "fake_quant.h", "fp_quant.h", "cpu.cpp")
 CACHE_ENV_VAR = "MLX_QAT_CACHE"
 FIX = ("install a C++ compiler (`apt-get install g++`, or `xcode-select --install` on a Mac) and "
        "`pip install nanobind`, or set MLX_QAT_FAKE_QUANT=mlx to use the MLX-ops path")

@@ -7,6 +7,10 @@ spec's `Quantizer`); `cpu` is the fused, vectorized, multi-threaded kernel of cp
 and `cuda` run the kernels of gpu.py. The kernels share the per-element math of
 kernels/fake_quant.h, pick the kind by the `Quantizer.kernel_id` they are given, and each checks
 itself against the reference once per spec before it is used.
+
+The float formats (mxfp4, nvfp4, mxfp8) have no α: `fake_quant_fp(w, mode)` is MLX's own
+quantize -> dequantize with a straight-through gradient, on the same backends (the math of
+kernels/fp_quant.h; the reference is fp_formats.py), checked the same way once per mode.
 """
 
 import functools
@@ -16,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 
+from . import fp_formats
 from .quantizers import QuantSpec, affine_grid, codes, gradient_scale, grouped, scaled, straight_through
 
 BACKEND_ENV_VAR = "MLX_QAT_FAKE_QUANT"
@@ -73,6 +78,45 @@ BACKENDS: Dict[str, Callable[[QuantSpec], Tuple[Forward, Backward]]] = {
     "cuda": _gpu_backend("cuda"),
 }
 
+# The float formats (mxfp4, nvfp4, mxfp8): no α, the scale derived from each group's amax.
+FpForward = Callable[[mx.array], mx.array]
+FpBackward = Callable[[mx.array, mx.array], mx.array]
+
+
+def _mlx_fp_backend(mode: str) -> Tuple[FpForward, FpBackward]:
+    def forward(w):
+        return fp_formats.fake_quant_fp(w.astype(mx.float32), mode).astype(w.dtype)
+
+    def backward(w, g):
+        return mx.where(fp_formats.ste_mask(w.astype(mx.float32), mode), g, 0.0).astype(w.dtype)
+
+    return mx.compile(forward), mx.compile(backward)
+
+
+def _cpu_fp_backend(mode: str) -> Tuple[FpForward, FpBackward]:
+    from . import cpu
+
+    kernel, fmt, group = cpu.load(), fp_formats.KERNEL_IDS[mode], fp_formats.FORMATS[mode][0]
+    return (lambda w: kernel.fp_forward(w, fmt, group)), (lambda w, g: kernel.fp_backward(w, g, fmt, group))
+
+
+def _gpu_fp_backend(name: str):
+    def make(mode: str):
+        from . import gpu
+
+        return gpu.fp_backend(name, mode)
+
+    return make
+
+
+# name -> (mode -> (forward, backward))
+FP_BACKENDS: Dict[str, Callable[[str], Tuple[FpForward, FpBackward]]] = {
+    "mlx": _mlx_fp_backend,
+    "cpu": _cpu_fp_backend,
+    "metal": _gpu_fp_backend("metal"),
+    "cuda": _gpu_fp_backend("cuda"),
+}
+
 
 def available_backends() -> list:
     found = ["mlx", "cpu"]
@@ -108,44 +152,68 @@ def _probe(spec: QuantSpec):
     return x * 0.5, mx.full((2, groups), 0.5), mx.random.normal(x.shape, key=mx.random.key(1))
 
 
-def _check_kernel(spec: QuantSpec, forward: Forward, backward: Backward) -> str:
-    """'' if a kernel reproduces the MLX reference on a probe, else what went wrong."""
-    w, alpha, g = _probe(spec)
-    ref_forward, ref_backward = _mlx_backend(spec)
+def _fp_probe(mode: str):
+    """A small weight in the format's groups: one group led by the largest element (scale 1)
+    holding rounding ties and saturating values, one of zeros, one of values so small that
+    nvfp4's scale rounds to 0, and groups of normal values over several binades; and g."""
+    group = fp_formats.FORMATS[mode][0]
+    top = fp_formats.element_max(mode)
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] if top == 6 else [1.0625, 1.1875, 3.0 / 512, 300.0, 17.0]
+    planted = mx.array([top, *ties, *[-t for t in ties]] + [0.0] * (group - 1 - 2 * len(ties)))[:group]
+    scales = 2.0 ** mx.arange(-8, 6, 2).reshape(-1, 1)
+    random = (mx.random.normal((scales.shape[0], group), key=mx.random.key(0)) * scales).reshape(-1)
+    w = mx.concatenate([planted, mx.zeros(group), mx.full((group,), 1e-4), random]).reshape(2, -1)
+    return w, mx.random.normal(w.shape, key=mx.random.key(1))
+
+
+def _check_kernel(key, forward: Callable, backward: Callable) -> str:
+    """'' if a kernel reproduces the MLX reference on a probe, else what went wrong. key: a
+    QuantSpec (the affine grid: forward(w, α), backward(w, α, g)) or a float format's mode
+    (forward(w), backward(w, g))."""
+    if isinstance(key, str):
+        arguments = _fp_probe(key)
+        inputs, ref_forward, ref_backward = arguments[:1], *_mlx_fp_backend(key)
+    else:
+        arguments = _probe(key)
+        inputs, ref_forward, ref_backward = arguments[:2], *_mlx_backend(key)
     try:
-        got = [forward(w, alpha), *backward(w, alpha, g)]
+        got = [forward(*inputs), backward(*arguments)]
+        got = [got[0], *got[1]] if isinstance(got[1], tuple) else got
         mx.eval(got)
     except Exception as e:  # a kernel that does not compile, load or launch here
         return f"{type(e).__name__}: {e}"
-    want = [ref_forward(w, alpha), *ref_backward(w, alpha, g)]
-    if not (mx.array_equal(got[0], want[0]).item() and mx.array_equal(got[1], want[1]).item()
-            and mx.allclose(got[2], want[2], rtol=1e-4, atol=1e-6).item()):
+    want = [ref_forward(*inputs), ref_backward(*arguments)]
+    want = [want[0], *want[1]] if isinstance(want[1], tuple) else want
+    exact = all(mx.array_equal(a, b).item() for a, b in zip(got[:2], want[:2]))  # ŵ and dw: bit for bit
+    if not (exact and all(mx.allclose(a, b, rtol=1e-4, atol=1e-6).item() for a, b in zip(got[2:], want[2:]))):
         return "its results differ from the MLX reference"
     return ""
 
 
-def checked_kernel(spec: QuantSpec, backend: str) -> Tuple[Optional[Tuple[Forward, Backward]], str]:
+def checked_kernel(key, backend: str) -> Tuple[Optional[tuple], str]:
     """(the backend's (forward, backward), '') if it builds here and agrees with the reference,
-    else (None, what went wrong)."""
+    else (None, what went wrong). key: a QuantSpec, or a float format's mode."""
+    make = FP_BACKENDS if isinstance(key, str) else BACKENDS
     try:
-        forward, backward = BACKENDS[backend](spec)
-        problem = _check_kernel(spec, forward, backward)
+        forward, backward = make[backend](key)
+        problem = _check_kernel(key, forward, backward)
     except RuntimeError as e:  # it cannot be built here
         return None, str(e)
     return (None, problem) if problem else ((forward, backward), "")
 
 
-def _kernel(spec: QuantSpec, backend: str) -> Tuple[Forward, Backward]:
+def _kernel(key, backend: str) -> tuple:
     """The backend's (forward, backward), or the reference with a warning if that kernel
     cannot be built here or disagrees with the reference."""
+    reference = _mlx_fp_backend if isinstance(key, str) else _mlx_backend
     if backend == "mlx":
-        return _mlx_backend(spec)
-    kernel, problem = checked_kernel(spec, backend)
+        return reference(key)
+    kernel, problem = checked_kernel(key, backend)
     if kernel:
         return kernel
-    warnings.warn(f"mlx_qat: the {backend} fake-quant kernel for {spec} is not usable ({problem}); using the "
+    warnings.warn(f"mlx_qat: the {backend} fake-quant kernel for {key} is not usable ({problem}); using the "
                   f"MLX-ops path instead. Set {BACKEND_ENV_VAR}=mlx to skip the kernels.", stacklevel=4)
-    return _mlx_backend(spec)
+    return reference(key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,3 +245,29 @@ def fake_quant(w: mx.array, alpha: mx.array, spec: QuantSpec, backend: str = Non
             f"and α {alpha.shape}"
         )
     return _op(spec, backend or select_backend())(w, alpha)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp_op(mode: str, backend: str):
+    forward, backward = _kernel(mode, backend)
+
+    @mx.custom_function
+    def op(w):
+        return forward(w)
+
+    @op.vjp
+    def op_vjp(w, cotangent, output):  # with one argument MLX passes it (and wants) bare
+        return backward(w, cotangent)
+
+    return op
+
+
+def fake_quant_fp(w: mx.array, mode: str, backend: str = None) -> mx.array:
+    """Quantize-dequantize W [out, in] in the float format `mode` (mxfp4, nvfp4, mxfp8): MLX's
+    own quantize -> dequantize, bit for bit (fp_formats.fake_quant_fp is the reference), the scale
+    derived from each group's amax. Backward: straight-through, dw = g where the element is not
+    clipped to the format's largest value (fp_formats.ste_mask)."""
+    group = fp_formats.FORMATS[mode][0]
+    if w.ndim != 2 or w.shape[1] % group:
+        raise ValueError(f"fake_quant_fp needs W [out, in] with in a multiple of {mode}'s group of {group}; got {w.shape}")
+    return _fp_op(mode, backend or select_backend())(w)

@@ -88,6 +88,7 @@ from . import constants
 SCALE_FORMATS = {"mxfp4": "e8m0", "nvfp4": "e4m3", "mxfp8": "e8m0"}
 # mode -> (group_size, bits, scale format); the (group_size, bits) pairs are constants.FP_MODES
 FORMATS = {mode: (*grid, SCALE_FORMATS[mode]) for mode, grid in constants.FP_MODES.items()}
+KERNEL_IDS = {"mxfp4": 0, "nvfp4": 1, "mxfp8": 2}  # each mode's number in the kernels (kernels/fp_quant.h)
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0

@@ -30,19 +30,29 @@ def source(name: str) -> str:
 
 def header(backend: str) -> str:
     """The backend's preamble followed by the shared per-element math."""
-    return source(f"{backend}.h") + source("fake_quant.h")
+    return source(f"{backend}.h") + source("fake_quant.h") + source("fp_quant.h")
+
+
+# (kernel, direction) -> (input names, output names): the affine grid's kernels and the float formats'
+ARGUMENTS = {
+    ("fake_quant", "forward"): (["w", "alpha"], ["out"]),
+    ("fake_quant", "backward"): (["w", "alpha", "cotangent"], ["dw", "dalpha_elem"]),
+    ("fp_quant", "forward"): (["w"], ["out"]),
+    ("fp_quant", "backward"): (["w", "cotangent"], ["dw"]),
+}
 
 
 @functools.lru_cache(maxsize=None)
-def build(backend: str, direction: str):
-    """The kernel object for 'metal' or 'cuda' and 'forward' or 'backward' (built once)."""
+def build(backend: str, direction: str, kernel: str = "fake_quant"):
+    """The kernel object for 'metal' or 'cuda', 'forward' or 'backward', and 'fake_quant' (the
+    affine grid) or 'fp_quant' (a float format), built once."""
     make = {"metal": mx.fast.metal_kernel, "cuda": mx.fast.cuda_kernel}[backend]
-    inputs, outputs = (["w", "alpha"], ["out"]) if direction == "forward" else (["w", "alpha", "cotangent"], ["dw", "dalpha_elem"])
+    inputs, outputs = ARGUMENTS[kernel, direction]
     return make(
-        name=f"mlx_qat_fake_quant_{direction}",
+        name=f"mlx_qat_{kernel}_{direction}",
         input_names=inputs,
         output_names=outputs,
-        source=INDEX[backend] + "\n" + source(f"fake_quant_{direction}.inc"),
+        source=INDEX[backend] + "\n" + source(f"{kernel}_{direction}.inc"),
         header=header(backend),
     )
 
@@ -70,5 +80,27 @@ def backend(name: str, spec: QuantSpec) -> Tuple:
         groups = alpha.shape[1]
         dalpha = elem.reshape(w.shape[0], groups, -1).sum(axis=-1) * gradient_scale(w.size, spec)
         return dw, dalpha.astype(alpha.dtype)
+
+    return forward, backward
+
+
+def fp_backend(name: str, mode: str) -> Tuple:
+    """(forward, backward) of the float format `mode` for fakequant's FP op, on the `name` kernels."""
+    from .fp_formats import FORMATS, KERNEL_IDS
+
+    forward_kernel, backward_kernel = build(name, "forward", "fp_quant"), build(name, "backward", "fp_quant")
+
+    def constants(w):
+        return [("T", w.dtype), ("FMT", KERNEL_IDS[mode]), ("GROUP", FORMATS[mode][0]), ("N", w.size)]
+
+    def forward(w):
+        (out,) = forward_kernel(inputs=[w], template=constants(w), grid=(w.size, 1, 1), threadgroup=(THREADS, 1, 1),
+                                output_shapes=[w.shape], output_dtypes=[w.dtype])
+        return out
+
+    def backward(w, g):
+        (dw,) = backward_kernel(inputs=[w, g.astype(w.dtype)], template=constants(w), grid=(w.size, 1, 1),
+                                threadgroup=(THREADS, 1, 1), output_shapes=[w.shape], output_dtypes=[w.dtype])
+        return dw
 
     return forward, backward

@@ -22,8 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from .fakequant import fake_quant
-from .fp_formats import fake_quant_fp_ste
+from .fakequant import fake_quant, fake_quant_fp
 from .quantizers import QuantSpec, affine_grid, codes, default_embedding_bits, init_scale, scaled
 
 SCALE = "alpha"  # the parameter name of a QAT layer's learned scales
@@ -107,7 +106,7 @@ def fake_quantized(w: mx.array, alpha: Optional[mx.array], spec: QuantSpec) -> m
     its straight-through gradient (computed in float32, the precision it matches MLX in; its
     values are exact in bfloat16 too, so casting back to w's dtype loses nothing)."""
     if spec.is_fp:
-        return fake_quant_fp_ste(w.astype(mx.float32), spec.mode).astype(w.dtype)
+        return fake_quant_fp(w.astype(mx.float32), spec.mode).astype(w.dtype)
     return fake_quant(w, alpha, spec)
 
 

@@ -10,10 +10,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_qat import QuantSpec, cpu, fake_quant, init_scale
+from mlx_qat import QuantSpec, cpu, fake_quant, fp_formats, init_scale
 from mlx_qat import fakequant as fq
+from mlx_qat.fakequant import fake_quant_fp
 
-from test_kernels import ALL_BITS, GRANULARITIES, kernel_inputs
+from test_kernels import ALL_BITS, GRANULARITIES, fp_inputs, kernel_inputs
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,32 @@ def test_donated_and_strided_inputs(kernel):
     g = mx.broadcast_to(mx.array(2.0), w_t.shape)  # stride 0
     dw, _ = kernel.backward(w_t, alpha, g, spec.quantizer.kernel_id, spec.qn, spec.qp, 1.0)
     assert mx.array_equal(dw, fq._mlx_backend(spec)[1](w_t, alpha, g)[0]).item()
+
+
+def fp_both(mode, w, g):
+    """(ŵ, dw) of a float format through the fused kernel and through the reference, compiled VJPs."""
+    def run(backend):
+        f = mx.compile(lambda w, g: mx.vjp(lambda w: fake_quant_fp(w, mode, backend=backend), [w], [g]))
+        (out,), (dw,) = f(w, g)
+        return out, dw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return run("cpu"), run("mlx")
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("mode", list(fp_formats.FORMATS))
+def test_float_formats_match_the_reference(kernel, mode, dtype):
+    """Bit for bit in every weight type: ties, saturation, zero and tiny groups, outliers; and a
+    matrix large enough to be split across threads."""
+    for w in (mx.array(fp_inputs(mode)), mx.random.normal((1024, 2048), key=mx.random.key(8)) * 0.05):
+        w = w.astype(dtype)
+        g = mx.random.normal(w.shape, key=mx.random.key(9)).astype(dtype)
+        (out, dw), (ref_out, ref_dw) = fp_both(mode, w, g)
+        assert out.dtype == dtype and dw.dtype == dtype
+        assert mx.array_equal(out, ref_out).item() and mx.array_equal(dw, ref_dw).item()
+    with pytest.raises(ValueError, match="multiple of the group"):
+        kernel.fp_forward(mx.zeros((4, 40)), fp_formats.KERNEL_IDS[mode], fp_formats.FORMATS[mode][0])
 
 
 def test_rejects_mismatched_shapes(kernel):

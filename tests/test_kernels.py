@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from mlx_qat import QuantSpec, fake_quant
-from mlx_qat import gpu
-from mlx_qat.fakequant import BACKEND_ENV_VAR, available_backends, select_backend
+from mlx_qat import fp_formats, gpu
+from mlx_qat.fakequant import BACKEND_ENV_VAR, available_backends, fake_quant_fp, select_backend
 from mlx_qat.quantizers import MIN_SCALE, QUANTIZERS, grouped, straight_through
 
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 8]
@@ -110,9 +110,46 @@ def test_shared_body_matches_mlx_float16(host, bits):
     np.testing.assert_array_equal(elem, ref_elem)
 
 
+def fp_inputs(mode: str, seed: int = 0) -> np.ndarray:
+    """Weights [8, 256] whose groups cover the float formats' cases: amax over many binades, a
+    group with amax = the largest element (scale 1) holding every rounding tie of the format and
+    saturating values, an all-zero group, tiny values (nvfp4's E4M3 scale rounds to 0), outliers."""
+    rng = np.random.default_rng(seed)
+    group, _, _ = fp_formats.FORMATS[mode]
+    w = rng.normal(size=(8, 256)) * 2.0 ** rng.integers(-12, 6, size=(8, 256 // group)).repeat(group, axis=1)
+    top = fp_formats.element_max(mode)
+    ties = ([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.1, 5.9] if top == 6 else
+            [1.0625, 1.1875, 3.0 / 512, 0.015625 + 1 / 1024, 440.0, 300.0, 17.0, 0.001])
+    values, cells = ties + [-t for t in ties], []
+    for i in range(0, len(values), group - 1):  # each group led by `top`, so its scale is 1
+        chunk = values[i:i + group - 1]
+        cells += [top, *chunk] + [0.0] * (group - 1 - len(chunk))
+    w[0, :len(cells)] = cells
+    w[1, :group] = 0.0
+    w[2, :group] = rng.normal(size=group) * 1e-4
+    w[3, :group] = rng.normal(size=group) * 1e-2
+    w[3, 5] = 50.0  # one outlier sets the group's scale
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", list(fp_formats.FORMATS))
+def test_float_format_body_matches_mlx(host, mode):
+    w = fp_inputs(mode)
+    g = np.random.default_rng(1).normal(size=w.shape).astype(np.float32)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    out, dw = np.empty_like(w), np.empty_like(w)
+    constants = (fp_formats.KERNEL_IDS[mode], fp_formats.FORMATS[mode][0], w.size)
+    host.fp_forward_f32(ptr(w), ptr(out), *constants)
+    host.fp_backward_f32(ptr(w), ptr(g), ptr(dw), *constants)
+    want = mx.dequantize(*mx.quantize(mx.array(w), mode=mode), mode=mode, dtype=mx.float32)
+    np.testing.assert_array_equal(out, np.array(want))  # MLX's own quantize -> dequantize, bit for bit
+    np.testing.assert_array_equal(dw, np.where(np.array(fp_formats.ste_mask(mx.array(w), mode)), g, 0))
+
+
 def test_preambles_define_what_the_bodies_use():
-    bodies = gpu.source("fake_quant.h") + gpu.source("fake_quant_forward.inc") + gpu.source("fake_quant_backward.inc")
-    for name in ("FN", "ABS", "RINT", "CLAMP", "MUL", "ADD", "SUB", "DIV"):
+    bodies = "".join(gpu.source(f"{kind}{part}") for kind in ("fake_quant", "fp_quant")
+                     for part in (".h", "_forward.inc", "_backward.inc"))
+    for name in ("FN", "ABS", "RINT", "CLAMP", "MUL", "ADD", "SUB", "DIV", "AS_UINT", "AS_FLOAT", "LDEXP"):
         assert name in bodies
         for preamble in ("metal.h", "cuda.h", "host.h"):
             assert f"#define {name}" in gpu.source(preamble), (preamble, name)
@@ -128,12 +165,17 @@ def test_kernels_are_built_once(monkeypatch):
         for _ in range(3):
             gpu.build("metal", "forward")
             gpu.build("metal", "backward")
+            gpu.build("metal", "forward", "fp_quant")
+            gpu.build("metal", "backward", "fp_quant")
     finally:
         gpu.build.cache_clear()
-    assert [c["name"] for c in calls] == ["mlx_qat_fake_quant_forward", "mlx_qat_fake_quant_backward"]
-    assert calls[0]["header"] == gpu.source("metal.h") + gpu.source("fake_quant.h")
+    assert [c["name"] for c in calls] == ["mlx_qat_fake_quant_forward", "mlx_qat_fake_quant_backward",
+                                          "mlx_qat_fp_quant_forward", "mlx_qat_fp_quant_backward"]
+    assert calls[0]["header"] == gpu.source("metal.h") + gpu.source("fake_quant.h") + gpu.source("fp_quant.h")
     assert calls[0]["source"] == gpu.INDEX["metal"] + "\n" + gpu.source("fake_quant_forward.inc")
     assert calls[1]["input_names"] == ["w", "alpha", "cotangent"] and calls[1]["output_names"] == ["dw", "dalpha_elem"]
+    assert calls[2]["source"] == gpu.INDEX["metal"] + "\n" + gpu.source("fp_quant_forward.inc")
+    assert calls[3]["input_names"] == ["w", "cotangent"] and calls[3]["output_names"] == ["dw"]
 
 
 def test_dispatch(monkeypatch):
@@ -243,6 +285,41 @@ def test_kernels_are_checked_against_the_reference(monkeypatch):
         else:
             assert not messages
     fq._op.cache_clear()
+
+
+def test_float_format_kernels_are_checked_against_the_reference(monkeypatch):
+    from mlx_qat import fakequant as fq
+
+    w = mx.random.normal((8, 64), key=mx.random.key(2))
+    reference = fq.fake_quant_fp(w, "mxfp4", backend="mlx")
+
+    def wrong(mode):
+        forward, backward = fq._mlx_fp_backend(mode)
+        return (lambda w: forward(w) * 1.001), backward
+
+    monkeypatch.setitem(fq.FP_BACKENDS, "wrong", wrong)
+    fq._fp_op.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="the wrong fake-quant kernel for mxfp4 is not usable .*differ"):
+            out = fq.fake_quant_fp(w, "mxfp4", backend="wrong")
+    finally:
+        fq._fp_op.cache_clear()
+    assert mx.array_equal(out, reference).item()
+
+
+@pytest.mark.skipif(not (mx.metal.is_available() or mx.cuda.is_available()), reason="needs a Metal or CUDA GPU")
+@pytest.mark.parametrize("mode", list(fp_formats.FORMATS))
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_gpu_float_format_kernel_matches_reference(mode, dtype):
+    w = mx.array(fp_inputs(mode)).astype(dtype)
+    g = mx.random.normal(w.shape, key=mx.random.key(3)).astype(dtype)
+    f = lambda backend: mx.vjp(lambda w: fake_quant_fp(w, mode, backend=backend), [w], [g])  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (out,), (dw,) = f(available_backends()[-1])
+    with mx.stream(mx.cpu):
+        (ref_out,), (ref_dw,) = f("mlx")
+    assert mx.array_equal(out, ref_out).item() and mx.array_equal(dw, ref_dw).item()
 
 
 def test_info_names_the_path_fake_quant_takes(monkeypatch):
