@@ -10,7 +10,6 @@ for their R² and held-out errors beside the anchored ones).
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
