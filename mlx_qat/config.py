@@ -32,6 +32,7 @@ LOSSES = ("ce", "distill")
 COMPARISONS = ("dwq",)
 FINE_TUNE_TYPES = ("full", "lora")
 QUANTIZED_BASES = ("dequantize", "packed")
+FP_SCALES = ("derived", "learned")
 LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}  # mlx-lm's (keys: every Linear of a block)
 
 
@@ -220,10 +221,13 @@ class TrainConfig:
     # QAT (bits and group sizes are range-checked by QuantSpec). A pretrained start is QAT from
     # token 0: the model is trained already. An FP mode fixes bits and group_size (resolve fills
     # them in when unset; validate refuses others).
-    mode: str = key("affine", "affine (integer grids, learned scales) or an MLX FP format with a scale derived from each "
-                    f"group's max |w|: {FP_MODES_TEXT}; an FP mode sets bits/group_size (leave them unset) and quantizes "
+    mode: str = key("affine", "affine (integer grids, learned scales) or an MLX FP format with a scale per group (see "
+                    f"fp_scale): {FP_MODES_TEXT}; an FP mode sets bits/group_size (leave them unset) and quantizes "
                     "the embedding in the same mode", f"one of {', '.join(MODES)}", lambda v: v in MODES, section="QAT",
                     branch=True)
+    fp_scale: str = key("derived", "an FP mode's group scales: derived (from each group's max |w|, as MLX derives "
+                        "them) or learned (α per group, rounded to what the format stores)",
+                        f"one of {', '.join(FP_SCALES)}", lambda v: v in FP_SCALES, branch=True)
     bits: float = key(2, f"QAT weight bits: {listed(BITS)}", BITS_TEXT, branch=True)
     group_size: Optional[int] = key(64, f"{listed(GROUP_SIZES)}, or null for per-channel",
                                     f"one of {listed(GROUP_SIZES)}, or null for per-channel scales", branch=True)
@@ -321,6 +325,9 @@ class TrainConfig:
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if self.mode in FP_MODES:
             self._check_fp_mode()
+        elif self.fp_scale != "derived":
+            raise ValueError(f"fp_scale={self.fp_scale} chooses an FP mode's scales; mode=affine always learns its "
+                             "scales: drop fp_scale, or set mode: mxfp4, nvfp4 or mxfp8")
         QuantSpec(self.bits, self.group_size, self.mode)  # raises with the allowed values
         if self.embedding_bits is not None:
             QuantSpec(self.embedding_bits, self.group_size, self.mode)
@@ -406,7 +413,7 @@ class TrainConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.mode)
+        return QuantSpec(self.bits, self.group_size, self.mode, self.fp_scale == "learned")
 
     @property
     def lora_arguments(self) -> dict:
@@ -416,7 +423,7 @@ class TrainConfig:
     @property
     def embedding_spec(self) -> QuantSpec:
         bits = self.embedding_bits if self.embedding_bits is not None else default_embedding_bits(self.bits)
-        return QuantSpec(bits, self.group_size, self.mode)
+        return QuantSpec(bits, self.group_size, self.mode, self.fp_scale == "learned")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -222,3 +222,91 @@ def fake_quant_fp_ste(w: mx.array, mode: str, global_scale=None) -> mx.array:
     if global_scale is None:
         return _ste(mode, False)(w)
     return _ste(mode, True)(w, global_scale)
+
+
+# ---------------------------------------------------------------- learned scales
+#
+# A learned scale α per group (QuantSpec(..., learned_scale=True)) in place of the one derived from
+# amax: the format stores only some scales, so α is rounded to the nearest of them in every
+# forward (straight through in the backward, as LSQ's α):
+#     E8M0 (mxfp4, mxfp8): s = 2^round(log2 α);   E4M3 (nvfp4): s = e4m3(max(α, 2^-9))
+#     x = w / s,   ŵ = q(x) · s                    q: E2M1 or E4M3 rounding, saturating as above
+#     dL/dw = g where |x| <= maxval,  dL/dα = gs · Σ_group g · (q(x) − x·[|x| <= maxval])
+# with LSQ's gradient scale gs = 1 / sqrt(numel(W) · levels), levels the format's positive element
+# values (7 for E2M1, 126 for E4M3). α starts at the derived scale (`derived_scale`), so a model
+# starts exactly where derived-scale QAT starts. The export packs q and s itself (`pack_learned`):
+# mx.quantize would derive its own scales.
+
+E4M3_MIN = 2.0 ** -9  # the smallest positive E4M3 number
+LEVELS = {4: 7, 8: 126}  # positive element values of E2M1 and E4M3 (fn)
+
+
+def derived_scale(w: mx.array, mode: str) -> mx.array:
+    """[out, in / G] the scale MLX derives per group (a learned α's starting value): 2^ceil(log2 s)
+    for E8M0, e4m3(s) for nvfp4 (at least 2^-9: it may round to 0), s = amax / maxval."""
+    amax = mx.max(mx.abs(w.astype(mx.float32).reshape(w.shape[0], -1, FORMATS[mode][0])), axis=-1)
+    s = amax / element_max(mode)
+    if FORMATS[mode][2] == "e4m3":
+        return mx.maximum(round_e4m3(s), E4M3_MIN)
+    return mx.power(2.0, e8m0_exponent(s))
+
+
+def stored_scale(alpha: mx.array, mode: str) -> mx.array:
+    """The scale the format stores nearest a learned α (see above)."""
+    if FORMATS[mode][2] == "e4m3":
+        return round_e4m3(mx.maximum(alpha, E4M3_MIN))
+    return mx.power(2.0, mx.round(mx.log2(mx.maximum(alpha, 2.0 ** -126))))
+
+
+def _learned_parts(w: mx.array, alpha: mx.array, mode: str):
+    """(x, q, s) of a learned-scale group: x = w / s [out, in / G, G], q its rounding, s [.., 1]."""
+    group = FORMATS[mode][0]
+    s = stored_scale(alpha.astype(mx.float32), mode)[..., None]
+    x = w.astype(mx.float32).reshape(w.shape[0], -1, group) / s
+    q = round_e2m1(x) if FORMATS[mode][1] == 4 else round_e4m3(x)
+    return x, q, s
+
+
+@cache
+def _learned(mode: str):
+    @mx.custom_function
+    def f(w, alpha):
+        _, q, s = _learned_parts(w, alpha, mode)
+        return (q * s).reshape(w.shape).astype(w.dtype)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        w, alpha = primals
+        x, q, _ = _learned_parts(w, alpha, mode)
+        passes = mx.abs(x) <= element_max(mode)
+        g = cotangent.astype(mx.float32).reshape(x.shape)
+        scale = (w.size * LEVELS[FORMATS[mode][1]]) ** -0.5
+        dalpha = (g * (q - mx.where(passes, x, 0.0))).sum(axis=-1) * scale
+        return mx.where(passes, g, 0.0).reshape(w.shape).astype(w.dtype), dalpha.astype(alpha.dtype)
+
+    return f
+
+
+def fake_quant_fp_learned(w: mx.array, alpha: mx.array, mode: str) -> mx.array:
+    """ŵ of W [out, in] in `mode` on the learned scales α [out, in / G] (see above), differentiable
+    in both."""
+    return _learned(mode)(w, alpha)
+
+
+def pack_learned(w: mx.array, alpha: mx.array, mode: str):
+    """(packed weight uint32, scales uint8) in MLX's layout for `mode`: `mx.dequantize` of them
+    (mode=mode) is fake_quant_fp_learned(w, α) bit for bit. Elements are E2M1 codes (sign bit 3,
+    the index into E2M1_VALUES below it), eight to a little-endian uint32, or E4M3 bytes, four to
+    one; scales are E8M0 bytes (the exponent + 127) or E4M3 bytes."""
+    _, q, s = _learned_parts(w, alpha, mode)
+    q = q.reshape(w.shape)
+    if FORMATS[mode][1] == 4:
+        magnitude = sum((mx.abs(q) > (a + b) / 2).astype(mx.uint32) for a, b in zip(E2M1_VALUES, E2M1_VALUES[1:]))
+        codes = magnitude | ((q < 0).astype(mx.uint32) << 3)
+        nibbles = codes.reshape(w.shape[0], -1, 8) << (4 * mx.arange(8, dtype=mx.uint32))
+        packed = nibbles.sum(axis=-1).astype(mx.uint32)
+    else:
+        packed = mx.view(mx.to_fp8(q), mx.uint32)
+    s = s[..., 0]
+    scales = mx.to_fp8(s) if FORMATS[mode][2] == "e4m3" else ((mx.view(s, mx.uint32) >> 23) & 0xFF).astype(mx.uint8)
+    return packed, scales

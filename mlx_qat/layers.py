@@ -3,8 +3,9 @@
 `QATLinear` and `QATEmbedding` hold the float weight W and its learned scales α and compute
 ŵ = fake_quant(W, α, spec) in every call. In an FP mode (spec.mode mxfp4, nvfp4 or mxfp8) they
 hold W alone and compute ŵ = fake_quant_fp(W, mode): MLX's own quantize -> dequantize, whose
-per-group scale is derived from max |w| (fp_formats.py), so there is no α to learn. For an
-mlx-lm model:
+per-group scale is derived from max |w| (fp_formats.py), so there is no α to learn; unless the
+spec has learned_scale, when α is the group's scale, rounded to what the format stores
+(fp_formats.fake_quant_fp_learned). For an mlx-lm model:
 
     specs = quant_specs(model, QuantSpec(2, 64))   # {module path: QuantSpec}
     to_qat(model, specs)                           # those modules -> QAT layers, α from W
@@ -22,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from . import fp_formats
 from .fakequant import fake_quant, fake_quant_fp
 from .quantizers import QuantSpec, affine_grid, codes, default_embedding_bits, init_scale, scaled
 
@@ -63,7 +65,11 @@ def quantized_tensors(weight: mx.array, alpha: Optional[mx.array], spec: QuantSp
     FP modes: `mx.quantize(W, G, B, mode)` itself (biases None, uint8 scales, `scales_dtype`
     unused), which dequantizes to fake_quant_fp(W) bit for bit. It runs on the CPU stream
     because that is the implementation fake_quant_fp reproduces (GPU kernels may round ties
-    differently)."""
+    differently). With learned scales, the elements and scales packed from α
+    (fp_formats.pack_learned), which `mx.dequantize` reads back as ŵ bit for bit."""
+    if spec.is_fp and spec.learned_scale:
+        packed, scales = fp_formats.pack_learned(weight, alpha, spec.mode)
+        return packed, scales, None, spec.group_size
     if spec.is_fp:
         w = weight.astype(mx.float32)
         packed, scales = mx.quantize(w, spec.group_size, spec.bits, mode=spec.mode, stream=mx.cpu)
@@ -103,20 +109,30 @@ def _packed(layer: nn.Module, scales_dtype) -> dict:
 
 def fake_quantized(w: mx.array, alpha: Optional[mx.array], spec: QuantSpec) -> mx.array:
     """ŵ of a weight: fake_quant(w, α) on the learned grid, or in an FP mode fake_quant_fp(w) with
-    its straight-through gradient (computed in float32, the precision it matches MLX in; its
-    values are exact in bfloat16 too, so casting back to w's dtype loses nothing)."""
+    its straight-through gradient, or on learned FP scales fake_quant_fp_learned(w, α) (computed
+    in float32, the precision they match MLX in; their values are exact in bfloat16 too, so
+    casting back to w's dtype loses nothing)."""
+    if spec.is_fp and spec.learned_scale:
+        return fp_formats.fake_quant_fp_learned(w.astype(mx.float32), alpha, spec.mode).astype(w.dtype)
     if spec.is_fp:
         return fake_quant_fp(w.astype(mx.float32), spec.mode).astype(w.dtype)
     return fake_quant(w, alpha, spec)
 
 
+def initial_scale(w: mx.array, spec: QuantSpec) -> Optional[mx.array]:
+    """The starting α of a weight: `init_scale` on an affine grid, the scale MLX derives for an FP
+    mode with learned scales, None for an FP mode whose scales are derived in every call (then
+    only the weight's fit to the mode's group size is checked)."""
+    if not spec.is_fp:
+        return init_scale(w, spec)
+    spec.group_size_for(w.shape[1])
+    return fp_formats.derived_scale(w, spec.mode) if spec.learned_scale else None
+
+
 def _init_scale(layer: nn.Module) -> None:
-    """α from the layer's weight; an FP mode has none (its scale is derived in every call), so
-    only the weight's fit to the fixed group size is checked."""
-    if layer.spec.is_fp:
-        layer.spec.group_size_for(layer.weight.shape[1])
-    else:
-        layer.alpha = init_scale(layer.weight, layer.spec)
+    alpha = initial_scale(layer.weight, layer.spec)
+    if alpha is not None:
+        layer.alpha = alpha
 
 
 class QATLinear(nn.Module):

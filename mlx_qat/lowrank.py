@@ -45,8 +45,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .layers import SCALE, QATEmbedding, QATLinear, fake_quantized
-from .quantizers import QuantSpec, init_scale
+from .layers import SCALE, QATEmbedding, QATLinear, fake_quantized, initial_scale
+from .quantizers import QuantSpec
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")  # mlx-lm's parameter names
 LINEAR = (nn.Linear, nn.QuantizedLinear)  # what a low-rank layer adapts: a float or a packed base
@@ -105,8 +105,8 @@ def _frozen(module: nn.Module, spec: QuantSpec, make) -> nn.Module:
     layer = make(_float_view(module), spec)
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         keep_packed(layer, module)
-        if not spec.is_fp:
-            layer.alpha = init_scale(base_weight(layer), spec)
+        if spec.has_alpha:
+            layer.alpha = initial_scale(base_weight(layer), spec)
     return layer
 
 
@@ -174,10 +174,9 @@ class LowRankQATLinear(nn.Module):
         bound = 1 / math.sqrt(input_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
         self.lora_b = mx.zeros((rank, output_dims))
-        if spec.is_fp:
-            spec.group_size_for(input_dims)  # an FP mode's scale is derived in every call; check the fit
-        else:
-            self.alpha = init_scale(self.merged_weight(), spec)
+        alpha = initial_scale(self.merged_weight(), spec)
+        if alpha is not None:
+            self.alpha = alpha
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec: QuantSpec, rank: int = 8, scale: float = 20.0,

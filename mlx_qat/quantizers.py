@@ -172,11 +172,14 @@ class QuantSpec:
     group_size: 32, 64 or 128 consecutive inputs share a scale; None = per output channel.
     mode: "affine" (the integer grids above, learned α) or an FP mode, whose (group_size, bits)
     is fixed: mxfp4 (32, 4), nvfp4 (16, 4), mxfp8 (32, 8), e.g. QuantSpec(4, 32, "mxfp4").
+    learned_scale: an FP mode's group scales are learned (α, rounded to what the format stores)
+    rather than derived from each group's amax as MLX derives them (fp_formats.py).
     """
 
     bits: float = 4
     group_size: Optional[int] = 64
     mode: str = "affine"
+    learned_scale: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -186,6 +189,8 @@ class QuantSpec:
             raise ValueError(f"mode={self.mode!r} stores {bits}-bit elements in groups of {group_size}; got "
                              f"bits={self.bits!r}, group_size={self.group_size!r}: use QuantSpec({bits}, {group_size}, "
                              f"{self.mode!r})")
+        if self.learned_scale and not self.is_fp:
+            raise ValueError("learned_scale chooses an FP mode's scales; affine grids always learn theirs: drop it")
         if isinstance(self.bits, bool) or self.bits not in BITS:
             raise ValueError(
                 f"bits={self.bits!r} is not supported; use one of {', '.join(map(str, BITS))} "
@@ -201,8 +206,13 @@ class QuantSpec:
 
     @property
     def is_fp(self) -> bool:
-        """True for an FP mode (mxfp4, nvfp4, mxfp8): fixed grid, derived scales, no α."""
+        """True for an FP mode (mxfp4, nvfp4, mxfp8): a fixed element grid, scales per group."""
         return self.mode != "affine"
+
+    @property
+    def has_alpha(self) -> bool:
+        """Whether a layer of this spec learns scales α: affine grids, and FP modes with learned_scale."""
+        return not self.is_fp or self.learned_scale
 
     @property
     def quantizer(self) -> Quantizer:
@@ -260,19 +270,21 @@ class QuantSpec:
         """{"bits": ..., "group_size": ...} (and "mode" unless affine, so that affine specs read
         as they always have): JSON-ready, read back by `from_dict`."""
         mode = {"mode": self.mode} if self.is_fp else {}
-        return {"bits": self.bits, "group_size": self.group_size, **mode}
+        learned = {"learned_scale": True} if self.learned_scale else {}
+        return {"bits": self.bits, "group_size": self.group_size, **mode, **learned}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
-        unknown = set(data) - {"bits", "group_size", "mode"}
+        unknown = set(data) - {"bits", "group_size", "mode", "learned_scale"}
         if unknown or "bits" not in data:
             raise ValueError(f"a QuantSpec is {{'bits': ..., 'group_size': ..., 'mode': ...}}; got {data!r}")
-        return cls(data["bits"], data.get("group_size"), data.get("mode", "affine"))
+        return cls(data["bits"], data.get("group_size"), data.get("mode", "affine"), data.get("learned_scale", False))
 
     def __str__(self) -> str:
         granularity = "channel" if self.group_size is None else f"g{self.group_size}"
         grid = f"{self.bits}-bit/{granularity}"
-        return f"{self.mode} ({grid})" if self.is_fp else grid
+        learned = ", learned scales" if self.learned_scale else ""
+        return f"{self.mode} ({grid}{learned})" if self.is_fp else grid
 
 
 def specs_to_dict(specs: Dict[str, QuantSpec]) -> Dict[str, dict]:

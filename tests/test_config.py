@@ -100,6 +100,7 @@ BAD = [
     ("num_layers", 0, None), ("num_layers", -1, None), ("num_layers", "all", None),
     ("num_layers", 4, "num_layers=4 chooses the blocks that fine_tune_type: lora adapts"),
     ("quantized_base", "keep", None), ("quantized_base", True, None),
+    ("fp_scale", "fixed", None), ("fp_scale", "learned", "fp_scale=learned chooses an FP mode's scales"),
     ("quantized_base", "packed", "quantized_base: packed keeps a frozen base packed; full QAT trains"),
 ]
 
@@ -293,7 +294,7 @@ def test_scales_dtype_names_match_the_export():
 # (and report_to, project_name: where losses are also sent, which a resumed run may change).
 RESUME_MAY_CHANGE = {"report_every", "eval_every", "checkpoint_every", "data_cache", "snapshot_at", "grad_checkpoint",
                      "report_to", "project_name"}
-BRANCH_KEYS = {"total_tokens", "mode", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
+BRANCH_KEYS = {"total_tokens", "mode", "fp_scale", "bits", "group_size", "embedding_bits", "qat_fraction", "schedule", "cooldown",
                "cooldown_tokens", "qat_warmup", "qat_cooldown", "qat_warmup_tokens", "qat_cooldown_tokens",
                "keep_optimizer_state", "export_scales", "snapshot_at"}
 PRETRAINED_DEFAULTS = {"qat_fraction": 1.0, "warmup": 0.02, "qat_warmup": 0.02, "learning_rate": 1e-4}

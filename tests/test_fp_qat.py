@@ -21,7 +21,7 @@ from mlx.nn.layers.quantized import _defaults_for_mode
 from mlx.utils import tree_flatten
 
 from conftest import MICRO_MODEL, tiny_llama
-from mlx_qat import QuantSpec, checkpoint, config, constants, report, sweep, train
+from mlx_qat import QuantSpec, checkpoint, config, constants, fp_formats, report, sweep, train
 from mlx_qat.export import export, packed_model
 from mlx_qat.fp_formats import FORMATS, bits_per_weight, ste_mask
 from mlx_qat.layers import QATEmbedding, QATLinear, qat_specs, quant_specs, to_qat
@@ -267,3 +267,59 @@ def test_a_run_trains_exports_and_generates_in_each_mode(mode, dataset, tmp_path
     assert set(checkpoint.specs(meta).values()) == {fp_spec(mode)}
     assert not any(k.endswith(".alpha") for k, _ in tree_flatten(qat.parameters()))
     assert re.search(rf"bits B +{bits} \({mode}\)", report.format_summary(summary))
+
+
+# ---------------------------------------------------------------- learned scales
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_learned_scales_start_at_mlx_own_and_pack_exactly_wherever_they_move(mode):
+    group_size, bits = constants.FP_MODES[mode]
+    w = mx.random.normal((8, 256), key=mx.random.key(11)) * 0.05
+    w[0, :3] = mx.array([0.0, 1e-6, -3.0])  # a zero, a tiny and an outlying weight
+    alpha = fp_formats.derived_scale(w, mode)
+    # at its start a learned scale is MLX's derived one: the same ŵ, and the same packed bytes
+    assert mx.array_equal(fp_formats.fake_quant_fp_learned(w, alpha, mode), fp_formats.fake_quant_fp(w, mode)).item()
+    packed, scales = fp_formats.pack_learned(w, alpha, mode)
+    mlx_packed, mlx_scales = mx.quantize(w, group_size, bits, mode=mode)
+    assert mx.array_equal(packed, mlx_packed).item() and mx.array_equal(scales, mlx_scales).item()
+    # moved anywhere, α rounds to a scale the format stores and the packed model is ŵ bit for bit
+    moved = alpha * mx.random.uniform(0.3, 3.0, alpha.shape, key=mx.random.key(12))
+    w_hat = fp_formats.fake_quant_fp_learned(w, moved, mode)
+    packed, scales = fp_formats.pack_learned(w, moved, mode)
+    assert mx.array_equal(mx.dequantize(packed, scales, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32),
+                          w_hat).item()
+    assert not mx.array_equal(w_hat, fp_formats.fake_quant_fp(w, mode)).item()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_learned_scale_gradients_are_lsq_straight_through(mode):
+    group_size, bits = constants.FP_MODES[mode]
+    w = mx.random.normal((4, 64), key=mx.random.key(13))
+    alpha = fp_formats.derived_scale(w, mode) * 0.6  # some elements clip
+    g = mx.random.normal(w.shape, key=mx.random.key(14))
+    _, (dw, dalpha) = mx.vjp(lambda w, a: fp_formats.fake_quant_fp_learned(w, a, mode), [w, alpha], [g])
+    # numpy: s the stored scale, x = w / s, q its rounding; pass = |x| <= maxval
+    s = np.repeat(np.array(fp_formats.stored_scale(alpha, mode)), group_size, axis=1)
+    x = np.array(w) / s
+    q = np.array(fp_formats.fake_quant_fp_learned(w, alpha, mode)) / s
+    top = fp_formats.element_max(mode)
+    passes = np.abs(x) <= top
+    assert not passes.all() and passes.any()
+    np.testing.assert_array_equal(np.array(dw), np.where(passes, np.array(g), 0))
+    unit = (np.array(g) * (q - np.where(passes, x, 0))).reshape(4, -1, group_size).sum(-1)
+    scale = 1 / np.sqrt(w.size * fp_formats.LEVELS[bits])
+    np.testing.assert_allclose(np.array(dalpha), unit * scale, rtol=1e-5, atol=1e-7)
+
+
+def test_a_run_with_learned_scales_moves_them_and_exports_losslessly(dataset, tmp_path):
+    cfg = config.resolve({**micro(dataset, "mxfp4").to_dict(), "fp_scale": "learned"})
+    assert cfg.spec == QuantSpec(4, 32, "mxfp4", learned_scale=True)
+    summary = train.run(cfg, tmp_path / "run", show_progress=False)
+    assert summary["exported_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    qat, meta = checkpoint.load_model(tmp_path / "run" / "checkpoint")
+    assert set(checkpoint.specs(meta).values()) == {cfg.spec}
+    layer = qat.model.layers[0].mlp.up_proj
+    assert not mx.array_equal(layer.alpha, fp_formats.derived_scale(layer.weight, "mxfp4")).item()  # it learned
+    with pytest.raises(ValueError, match="fp_scale=learned chooses an FP mode's scales"):
+        config.resolve({"fp_scale": "learned"})
