@@ -3,6 +3,7 @@ per schedule (Spearman), fused vs separate at matched fractions, the tokens that
 and the protocol each run trained under (its QAT steps and the rate its last step saw).
 
     python benchmarks/sweep_report.py benchmarks/results/sweep [--out benchmarks/results/sweep/report.json]
+        [--markdown benchmarks/results/sweep/report.md]
 """
 
 import argparse
@@ -16,6 +17,7 @@ from scipy.stats import spearmanr
 from common import emit
 from mlx_qat import config
 from mlx_qat.schedule import make_schedule, plan_run
+from mlx_qat.scaling_law import predicted_qat_fraction
 
 
 def protocol(record: dict) -> dict:
@@ -44,10 +46,33 @@ def trend(groups: list) -> dict:
     return out
 
 
+def markdown(report: dict) -> str:
+    """The best fraction of each (model, D_total, B) group under both schedules beside the paper's
+    predictor, and the trend of the best fraction with S_total per schedule."""
+    rows = {}
+    for g in report["groups"]:
+        rows.setdefault((g["N"], g["D_total"], g["B"]), {"model": g["model"], "S": g["S_total"]})[g["schedule"]] = g
+    lines = ["| model | D_total | B | S_total | best f, separate (loss) | best f, fused (loss) | predictor f̂ |",
+             "|---|---|---|---|---|---|---|"]
+    for (n, d, b), row in sorted(rows.items()):
+        cell = lambda k: f"{row[k]['best_fraction']:g} ({row[k]['best_loss']:.3f})" if k in row else "—"  # noqa: E731
+        predicted = f"{float(predicted_qat_fraction(row['S'])):.3f}" if row["S"] > 1 else "— (S ≤ 1)"
+        lines.append(f"| {row['model']} | {d:,} | {b:g} | {row['S']:.2f} | {cell('separate')} | {cell('fused')} | "
+                     f"{predicted} |")
+    lines += ["", "| schedule | groups | Spearman ρ (best f vs S_total) | p |", "|---|---|---|---|"]
+    for schedule, trends in report["trend"].items():
+        for name, t in trends.items():
+            rho = "undefined (one best f)" if t["spearman"] is None else f"{t['spearman']:+.2f}"
+            p = "—" if t["p_value"] is None else f"{t['p_value']:.3f}"
+            lines.append(f"| {schedule}, {name} | {t['groups']} | {rho} | {p} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="a sweep directory (results*.jsonl, sweep*.json)")
     parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--markdown", help="write its tables as markdown here")
     args = parser.parse_args()
     records = [json.loads(line) for f in sorted(args.sweep.glob("results*.jsonl")) for line in f.read_text().splitlines()]
     runs = defaultdict(dict)  # (model, D, B, schedule) -> {fraction: loss}
@@ -76,7 +101,7 @@ def main():
                 figures[k] = figures.get(k, 0) + v
     checks = [protocol(r) for r in records if r["B"] is not None]
     whole = [c for c in checks if c is not None]
-    emit({
+    report = {
         "command": f"python benchmarks/sweep_report.py {args.sweep}",
         "protocol": {"qat_runs": len(checks), "refused_as_not_whole": len(checks) - len(whole),
                      "min_qat_steps": min((c["qat_steps"] for c in whole), default=None),
@@ -91,7 +116,10 @@ def main():
             "fused_better": int((fused < separate).sum()),
         },
         "groups": groups,
-    }, args.out)
+    }
+    emit(report, args.out)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
 
 
 if __name__ == "__main__":
