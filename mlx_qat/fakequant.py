@@ -61,11 +61,12 @@ def _cpu_backend(spec: QuantSpec) -> Tuple[Forward, Backward]:
     return forward, backward
 
 
-def _gpu_backend(name: str):
-    def make(spec: QuantSpec):
+def _gpu_backend(name: str, builder: str = "backend"):
+    """key -> (forward, backward) of gpu.<builder>(name, key); gpu.py is imported when first used."""
+    def make(key):
         from . import gpu
 
-        return gpu.backend(name, spec)
+        return getattr(gpu, builder)(name, key)
 
     return make
 
@@ -100,21 +101,12 @@ def _cpu_fp_backend(mode: str) -> Tuple[FpForward, FpBackward]:
     return (lambda w: kernel.fp_forward(w, fmt, group)), (lambda w, g: kernel.fp_backward(w, g, fmt, group))
 
 
-def _gpu_fp_backend(name: str):
-    def make(mode: str):
-        from . import gpu
-
-        return gpu.fp_backend(name, mode)
-
-    return make
-
-
 # name -> (mode -> (forward, backward))
 FP_BACKENDS: Dict[str, Callable[[str], Tuple[FpForward, FpBackward]]] = {
     "mlx": _mlx_fp_backend,
     "cpu": _cpu_fp_backend,
-    "metal": _gpu_fp_backend("metal"),
-    "cuda": _gpu_fp_backend("cuda"),
+    "metal": _gpu_backend("metal", "fp_backend"),
+    "cuda": _gpu_backend("cuda", "fp_backend"),
 }
 
 
