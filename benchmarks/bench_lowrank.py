@@ -15,8 +15,9 @@ benchmarks/results/pretrained.json sit beside these in the table. Measured here:
                              GGUF's 16-bit type), exported and reloaded with mlx_lm.load
     lora_packed_base         lora_ce from an 8-bit mlx-lm copy of the model kept packed
                              (quantized_base: packed), against lora_ce from the float base
-    peak memory              mx.get_peak_memory over loading and two 4-bit steps, per parameter:
-                             full QAT, low-rank QAT, each with and without grad_checkpoint
+    memory                   per parameter: resident after loading, and mx.get_peak_memory over two
+                             4-bit steps (resident included; loading's own peak apart): full QAT,
+                             low-rank QAT, each with and without grad_checkpoint
     step time                compiled 4-bit steps, interleaved, medians: low-rank QAT, full QAT,
                              and mlx-lm's LoRA step (linear_to_lora_layers, the same rank, base
                              and batch; no fake-quant): the price of training on the grid
@@ -119,20 +120,23 @@ def step_times(states: dict, steps: int) -> dict:
 
 
 def peak_per_parameter(make_state, cfg: config.TrainConfig, steps: int = 2) -> dict:
-    """Peak bytes over loading and `steps` steps, the resident bytes after loading, both per parameter."""
+    """Memory per parameter: resident after loading (weights, α, adapters), the peak of loading
+    (a GGUF is dequantized through float32), and the peak of `steps` training steps, resident
+    memory included (the figure a run's size is bound by)."""
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
     state, dataset = make_state(cfg)
     mx.eval(state.model.parameters())
-    resident = mx.get_active_memory()
+    resident, loading = mx.get_active_memory(), mx.get_peak_memory()
+    mx.reset_peak_memory()
     for k in range(steps):
         timed_step(state, dataset, k)
+    training = mx.get_peak_memory()
     n = models.num_params(pretrained.load(cfg.pretrained, dtype=None, lazy=True, packed=True).model)
-    result = {"params": n, "resident_bytes": resident, "peak_bytes": mx.get_peak_memory(),
-              "resident_bytes_per_param": resident / n, "peak_bytes_per_param": mx.get_peak_memory() / n}
     del state, dataset
-    return result
+    return {"params": n, "resident_bytes": resident, "loading_peak_bytes": loading, "training_peak_bytes": training,
+            "resident_bytes_per_param": resident / n, "training_peak_bytes_per_param": training / n}
 
 
 def large_model(tokenizer_from: Path, work: Path) -> Path:
