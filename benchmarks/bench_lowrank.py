@@ -158,13 +158,14 @@ def table(results: dict, pretrained_results: dict) -> str:
     ref = full.get("reference")
     cell = lambda row, k: f"{row[k]:.3f}" if k in row else "—"  # noqa: E731
     lines = [f"held-out loss, nats per token (reference {ref:.3f})" if ref else "held-out loss, nats per token",
-             "| bits | PTQ | DWQ | full QAT, CE | full QAT, distill | low-rank QAT, CE | low-rank QAT, distill |",
-             "|---|---|---|---|---|---|---|"]
+             "| bits | PTQ | DWQ | full QAT, CE | full QAT, distill | low-rank QAT, CE | low-rank QAT, distill "
+             "| low-rank QAT, CE, 8-bit packed base |", "|---|---|---|---|---|---|---|---|"]
     for key in sorted(set(full) | set(ours)):
         if key.endswith("_bits"):
             row = {**full.get(key, {}), **ours.get(key, {})}
             lines.append(f"| {key.split('_')[0]} | " + " | ".join(cell(row, k) for k in
-                         ("ptq", "dwq", "qat_ce", "qat_distill", "lora_ce", "lora_distill")) + " |")
+                         ("ptq", "dwq", "qat_ce", "qat_distill", "lora_ce", "lora_distill",
+                                                   "lora_packed_base_8bit")) + " |")
     return "\n".join(lines)
 
 

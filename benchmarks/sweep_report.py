@@ -8,6 +8,7 @@ and the protocol each run trained under (its QAT steps and the rate its last ste
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,13 +52,15 @@ def markdown(report: dict) -> str:
     predictor, and the trend of the best fraction with S_total per schedule."""
     rows = {}
     for g in report["groups"]:
-        rows.setdefault((g["N"], g["D_total"], g["B"]), {"model": g["model"], "S": g["S_total"]})[g["schedule"]] = g
+        key = (g["N"], g["D_total"], g["B"], g["quantizer"])
+        rows.setdefault(key, {"model": g["model"], "S": g["S_total"]})[g["schedule"]] = g
     lines = ["| model | D_total | B | S_total | best f, separate (loss) | best f, fused (loss) | predictor f̂ |",
              "|---|---|---|---|---|---|---|"]
-    for (n, d, b), row in sorted(rows.items()):
+    for (n, d, b, quantizer), row in sorted(rows.items()):
+        b = f"{b:g}" + ("" if quantizer == "affine" else f" {quantizer}")
         cell = lambda k: f"{row[k]['best_fraction']:g} ({row[k]['best_loss']:.3f})" if k in row else "—"  # noqa: E731
         predicted = f"{float(predicted_qat_fraction(row['S'])):.3f}" if row["S"] > 1 else "— (S ≤ 1)"
-        lines.append(f"| {row['model']} | {d:,} | {b:g} | {row['S']:.2f} | {cell('separate')} | {cell('fused')} | "
+        lines.append(f"| {row['model']} | {d:,} | {b} | {row['S']:.2f} | {cell('separate')} | {cell('fused')} | "
                      f"{predicted} |")
     lines += ["", "| schedule | groups | Spearman ρ (best f vs S_total) | p |", "|---|---|---|---|"]
     for schedule, trends in report["trend"].items():
@@ -75,24 +78,28 @@ def main():
     parser.add_argument("--markdown", help="write its tables as markdown here")
     args = parser.parse_args()
     records = [json.loads(line) for f in sorted(args.sweep.glob("results*.jsonl")) for line in f.read_text().splitlines()]
-    runs = defaultdict(dict)  # (model, D, B, schedule) -> {fraction: loss}
+    runs = defaultdict(dict)  # (model, D, B, schedule, quantizer) -> {fraction: loss}
     for r in records:
-        key = (r["config"]["model"], r["D_fp"] + r["D_qat"], r["B"], r["schedule"] if r["B"] is not None else "fp")
+        quantizer = r["config"].get("mode", "affine") if r["B"] is not None else "fp"
+        if quantizer not in ("affine", "fp"):  # an FP format's learned and derived scales are apart
+            quantizer += f" ({r['config'].get('fp_scale', 'derived')} scales)"
+        key = (r["config"]["model"], r["D_fp"] + r["D_qat"], r["B"], r["schedule"] if r["B"] is not None else "fp", quantizer)
         runs[key][round(r["qat_fraction"], 3)] = r["final_val_loss"]
 
     groups = []
-    for (model, d, b, schedule), losses in sorted(runs.items(), key=lambda kv: str(kv[0])):
+    for (model, d, b, schedule, quantizer), losses in sorted(runs.items(), key=lambda kv: str(kv[0])):
         if b is None:
             continue
         best = min(losses, key=losses.get)
         n = next(r["N"] for r in records if r["config"]["model"] == model)
-        fp = runs.get((model, d, None, "fp"), {}).get(0.0)
-        groups.append({"model": model, "N": n, "D_total": d, "B": b, "schedule": schedule, "S_total": d / (n * b / 8),
-                       "best_fraction": best, "best_loss": losses[best], "fp_loss": fp, "losses": losses})
+        fp = runs.get((model, d, None, "fp", "fp"), {}).get(0.0)
+        groups.append({"model": model, "N": n, "D_total": d, "B": b, "schedule": schedule, "quantizer": quantizer,
+                       "S_total": d / (n * b / 8), "best_fraction": best, "best_loss": losses[best], "fp_loss": fp,
+                       "losses": losses})
 
+    same = lambda g, h: all(g[k] == h[k] for k in ("model", "D_total", "B", "quantizer"))  # noqa: E731
     pairs = [(g["losses"][f], h["losses"][f]) for g in groups if g["schedule"] == "fused"
-             for h in groups if h["schedule"] == "separate" and (h["model"], h["D_total"], h["B"]) == (g["model"], g["D_total"], g["B"])
-             for f in g["losses"] if f in h["losses"]]
+             for h in groups if h["schedule"] == "separate" and same(g, h) for f in g["losses"] if f in h["losses"]]
     fused, separate = np.array(pairs).T if pairs else (np.array([]), np.array([]))
     figures = {}
     for f in sorted(args.sweep.glob("sweep*.json")):
@@ -102,7 +109,7 @@ def main():
     checks = [protocol(r) for r in records if r["B"] is not None]
     whole = [c for c in checks if c is not None]
     report = {
-        "command": f"python benchmarks/sweep_report.py {args.sweep}",
+        "command": " ".join(["python benchmarks/sweep_report.py", *sys.argv[1:]]),
         "protocol": {"qat_runs": len(checks), "refused_as_not_whole": len(checks) - len(whole),
                      "min_qat_steps": min((c["qat_steps"] for c in whole), default=None),
                      "max_last_step_lr_fraction": max((c["last_step_lr_fraction"] for c in whole), default=None)},

@@ -140,24 +140,28 @@ void fp_backward_groups(const T* w, const T* cot, T* dw, size_t group, size_t fi
   }
 }
 
+// Call f with (a value of) the weight type.
+template <typename F>
+void dispatch_type(mx::Dtype dtype, F f) {
+  switch (dtype) {
+    case mx::float32: return f(float{});
+    case mx::float16: return f(mx::float16_t{});
+    case mx::bfloat16: return f(mx::bfloat16_t{});
+    default: throw std::invalid_argument("fake_quant: weights must be float32, float16 or bfloat16");
+  }
+}
+
 // Call f with the weight type and the quantizer kind as compile-time constants.
 template <typename F>
 void dispatch(mx::Dtype dtype, int kind, F f) {
-  auto with_kind = [&](auto type_tag) {
-    using T = decltype(type_tag);
+  dispatch_type(dtype, [&](auto type_tag) {
     switch (kind) {
-      case 0: return f(T{}, std::integral_constant<int, 0>{});
-      case 1: return f(T{}, std::integral_constant<int, 1>{});
-      case 2: return f(T{}, std::integral_constant<int, 2>{});
-      default: return f(T{}, std::integral_constant<int, 3>{});
+      case 0: return f(type_tag, std::integral_constant<int, 0>{});
+      case 1: return f(type_tag, std::integral_constant<int, 1>{});
+      case 2: return f(type_tag, std::integral_constant<int, 2>{});
+      default: return f(type_tag, std::integral_constant<int, 3>{});
     }
-  };
-  switch (dtype) {
-    case mx::float32: return with_kind(float{});
-    case mx::float16: return with_kind(mx::float16_t{});
-    case mx::bfloat16: return with_kind(mx::bfloat16_t{});
-    default: throw std::invalid_argument("fake_quant: weights must be float32, float16 or bfloat16");
-  }
+  });
 }
 
 struct Params {
@@ -266,7 +270,7 @@ class FakeQuantBackward : public mx::Primitive {
 // Call f with the weight type and the float format as compile-time constants.
 template <typename F>
 void fp_dispatch(mx::Dtype dtype, int fmt, F f) {
-  dispatch(dtype, 3, [&](auto type_tag, auto) {
+  dispatch_type(dtype, [&](auto type_tag) {
     switch (fmt) {
       case 0: return f(type_tag, std::integral_constant<int, 0>{});
       case 1: return f(type_tag, std::integral_constant<int, 1>{});

@@ -28,7 +28,7 @@ from mlx_lm.utils import dequantize_model, quantize_model
 
 from . import data, pretrained
 from .evaluate import evaluate
-from .layers import quant_specs
+from .layers import quant_specs, unpacked_weight
 
 
 def unavailable(cfg) -> Optional[str]:
@@ -65,7 +65,7 @@ class FloatPathLinear(nn.QuantizedLinear):
     matmul's speed where the quantized one is slow (a CPU)."""
 
     def __call__(self, x):
-        y = x @ dequantized_weight(self).T
+        y = x @ unpacked_weight(self).T
         return y + self["bias"] if "bias" in self else y
 
 
@@ -73,11 +73,9 @@ class FloatPathEmbedding(nn.QuantizedEmbedding):
     """A QuantizedEmbedding whose `as_linear` (a tied LM head) is a float matmul, as above."""
 
     def as_linear(self, x):
-        return x @ dequantized_weight(self).T
+        return x @ unpacked_weight(self).T
 
 
-def dequantized_weight(m: nn.Module) -> mx.array:
-    return mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, mode=m.mode)
 
 
 def float_path(model: nn.Module) -> nn.Module:

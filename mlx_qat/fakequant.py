@@ -8,7 +8,7 @@ and `cuda` run the kernels of gpu.py. The kernels share the per-element math of
 kernels/fake_quant.h, pick the kind by the `Quantizer.kernel_id` they are given, and each checks
 itself against the reference once per spec before it is used.
 
-The float formats (mxfp4, nvfp4, mxfp8) have no α: `fake_quant_fp(w, mode)` is MLX's own
+The float formats (mxfp4, nvfp4, mxfp8) with derived scales have no α: `fake_quant_fp(w, mode)` is MLX's own
 quantize -> dequantize with a straight-through gradient, on the same backends (the math of
 kernels/fp_quant.h; the reference is fp_formats.py), checked the same way once per mode.
 """
@@ -79,7 +79,8 @@ BACKENDS: Dict[str, Callable[[QuantSpec], Tuple[Forward, Backward]]] = {
     "cuda": _gpu_backend("cuda"),
 }
 
-# The float formats (mxfp4, nvfp4, mxfp8): no α, the scale derived from each group's amax.
+# The float formats (mxfp4, nvfp4, mxfp8) with derived scales: no α, the scale from each group's
+# amax (learned scales run on MLX ops: fp_formats.fake_quant_fp_learned).
 FpForward = Callable[[mx.array], mx.array]
 FpBackward = Callable[[mx.array, mx.array], mx.array]
 
@@ -146,11 +147,11 @@ def _probe(spec: QuantSpec):
 
 def _fp_probe(mode: str):
     """A small weight in the format's groups: one group led by the largest element (scale 1)
-    holding rounding ties and saturating values, one of zeros, one of values so small that
+    holding rounding ties, one of zeros, one of values so small that
     nvfp4's scale rounds to 0, and groups of normal values over several binades; and g."""
     group = fp_formats.FORMATS[mode][0]
     top = fp_formats.element_max(mode)
-    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] if top == 6 else [1.0625, 1.1875, 3.0 / 512, 300.0, 17.0]
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] if top == 6 else [1.0625, 1.1875, 5.0 / 1024, 304.0, 17.0]
     planted = mx.array([top, *ties, *[-t for t in ties]] + [0.0] * (group - 1 - 2 * len(ties)))[:group]
     scales = 2.0 ** mx.arange(-8, 6, 2).reshape(-1, 1)
     random = (mx.random.normal((scales.shape[0], group), key=mx.random.key(0)) * scales).reshape(-1)

@@ -234,8 +234,10 @@ def fake_quant_fp_ste(w: mx.array, mode: str, global_scale=None) -> mx.array:
 #     dL/dw = g where |x| <= maxval,  dL/dα = gs · Σ_group g · (q(x) − x·[|x| <= maxval])
 # with LSQ's gradient scale gs = 1 / sqrt(numel(W) · levels), levels the format's positive element
 # values (7 for E2M1, 126 for E4M3). α starts at the derived scale (`derived_scale`), so a model
-# starts exactly where derived-scale QAT starts. The export packs q and s itself (`pack_learned`):
-# mx.quantize would derive its own scales.
+# starts where derived-scale QAT starts, bit for bit; but for nvfp4 a scale is at least 2^-9 (the
+# smallest E4M3 number), where MLX's derived scale of a group with amax < 6·2^-10 rounds to 0 and
+# zeroes the group: a learned scale of 0 would get no gradient and never move. The export packs q
+# and s itself (`pack_learned`): mx.quantize would derive its own scales.
 
 E4M3_MIN = 2.0 ** -9  # the smallest positive E4M3 number
 LEVELS = {4: 7, 8: 126}  # positive element values of E2M1 and E4M3 (fn)

@@ -107,6 +107,12 @@ def _packed(layer: nn.Module, scales_dtype) -> dict:
     return {"weight": weight, "scales": scales, "biases": biases}
 
 
+def unpacked_weight(m: nn.Module, dtype: Optional[mx.Dtype] = None) -> mx.array:
+    """The float weight of MLX's packed layer (nn.QuantizedLinear / nn.QuantizedEmbedding), in
+    `dtype` (None: MLX's default, the scales' dtype for affine, bfloat16 for the float formats)."""
+    return mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, mode=m.mode, dtype=dtype)
+
+
 def fake_quantized(w: mx.array, alpha: Optional[mx.array], spec: QuantSpec) -> mx.array:
     """ŵ of a weight: fake_quant(w, α) on the learned grid, or in an FP mode fake_quant_fp(w) with
     its straight-through gradient, or on learned FP scales fake_quant_fp_learned(w, α) (computed
@@ -139,10 +145,11 @@ class QATLinear(nn.Module):
     """y = x ŵᵀ + b with ŵ = fake_quant(W, α, spec): a Linear trained on a low-bit grid.
 
     W [out, in] stays in full precision; α [out, in / group_size] is learned with it.
-    In an FP mode there is no α: ŵ = fake_quant_fp(W, mode), the group scale derived from
-    amax = max |w| over the group as MLX derives it (mxfp4/mxfp8: the E8M0 power of two
-    2^ceil(log2(amax / maxval)); nvfp4: the E4M3 number nearest amax / 6), so training sees
-    exactly the grid that `mx.quantize` stores at export.
+    In an FP mode there is no α unless the spec has learned_scale: ŵ = fake_quant_fp(W, mode),
+    the group scale derived from amax = max |w| over the group as MLX derives it (mxfp4/mxfp8:
+    the E8M0 power of two 2^ceil(log2(amax / maxval)); nvfp4: the E4M3 number nearest amax / 6),
+    so training sees exactly the grid that `mx.quantize` stores at export; with learned_scale,
+    α rounded to a scale the format stores (fp_formats.fake_quant_fp_learned).
     """
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True, spec: QuantSpec = QuantSpec()):
@@ -189,8 +196,8 @@ class QATLinear(nn.Module):
 
 
 class QATEmbedding(nn.Module):
-    """Token embedding looked up from ŵ = fake_quant(W, α, spec) (in an FP mode, fake_quant_fp(W):
-    no α, as in QATLinear); `as_linear` is the tied head.
+    """Token embedding looked up from ŵ = fake_quant(W, α, spec) (in an FP mode as in QATLinear);
+    `as_linear` is the tied head.
 
     Each call computes ŵ afresh: the module keeps no state between the lookup and the head."""
 

@@ -6,8 +6,9 @@ A LoRA-style update is merged into the weight *before* it is fake-quantized:
     ŵ  = fake_quant(W, α, spec)               the project's op: same quantizers, kernels and STE
     y  = x ŵᵀ (+ b)
 
-W0 is the frozen pretrained weight, stored in its own 16-bit dtype; W and ŵ exist only inside
-the forward. Trainable are A, B and the learned scales α of the merged weight (initialised from
+W0 is the frozen pretrained weight, stored in its own 16-bit dtype (or, from a quantized mlx-lm
+checkpoint with quantized_base: packed, as MLX packed it: `keep_packed`); W and ŵ exist only
+inside the forward. Trainable are A, B and the learned scales α of the merged weight (initialised from
 W0, since B = 0 at init). The gradient reaches A and B through the straight-through estimator:
 G = dL/dW = g·pass(W / α) (`quantizers.straight_through`), dA = s·Gᵀ Bᵀ, dB = s·Aᵀ Gᵀ.
 
@@ -45,7 +46,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .layers import SCALE, QATEmbedding, QATLinear, fake_quantized, initial_scale
+from .layers import SCALE, QATEmbedding, QATLinear, fake_quantized, initial_scale, unpacked_weight
 from .quantizers import QuantSpec
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")  # mlx-lm's parameter names
@@ -57,13 +58,13 @@ TRAINABLE = (*ADAPTER_LEAVES, SCALE)
 
 
 def base_weight(layer: nn.Module, dtype: Optional[mx.Dtype] = mx.float32) -> mx.array:
-    """W0 of a frozen-base layer as a float array of `dtype` (None: as stored, the 16-bit dtype
-    of the weight, or of a packed base's scales). A packed base (`keep_packed`) is dequantized:
-    the transient float copy exists only inside the step."""
+    """W0 of a frozen-base layer as a float array of `dtype` (None: as stored, the weight's 16-bit
+    dtype; a packed base in MLX's default, as mlx-lm's dequantize_model gives it). A packed base
+    (`keep_packed`) is dequantized: the transient float copy exists only inside the step."""
     if "scales" not in layer:
         return layer.weight if dtype is None else layer.weight.astype(dtype)
     return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.base_group_size, layer.base_bits,
-                         layer.base_mode, dtype=layer.scales.dtype if dtype is None else dtype)
+                         layer.base_mode, dtype=dtype)
 
 
 def base_shape(layer: nn.Module) -> tuple:
@@ -75,8 +76,8 @@ def base_shape(layer: nn.Module) -> tuple:
 
 def keep_packed(layer: nn.Module, packed: nn.Module) -> nn.Module:
     """Store W0 as `packed` (an nn.QuantizedLinear or nn.QuantizedEmbedding of the base) holds
-    it: its packed weight, scales and biases, 1 + 16/group_size bytes per weight at 8 bits
-    instead of 2 (QLoRA's base). Returns `layer`."""
+    it: its packed weight, scales and biases, 1 + 4/group_size bytes per weight at 8 bits with
+    16-bit scales and biases, instead of 2 (QLoRA's base). Returns `layer`."""
     layer.weight, layer.scales = packed.weight, packed.scales
     if packed.get("biases") is not None:
         layer.biases = packed.biases
@@ -92,8 +93,7 @@ def _float_view(module: nn.Module) -> nn.Module:
     if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return module
     view = nn.Module()
-    view.weight = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
-                                module.mode)
+    view.weight = unpacked_weight(module)
     if "bias" in module:
         view.bias = module.bias
     return view
@@ -110,36 +110,36 @@ def _frozen(module: nn.Module, spec: QuantSpec, make) -> nn.Module:
     return layer
 
 
-class FrozenQATLinear(QATLinear):
+class _FrozenBase:
+    """What a frozen-base QAT layer adds to QATLinear / QATEmbedding: ŵ from float32(W0), W0
+    16-bit or packed, and W0 itself while `base_only` (see frozen_base)."""
+
+    base_only = False
+
+    def quantized_weight(self) -> mx.array:
+        return base_weight(self, None) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
+
+
+class FrozenQATLinear(_FrozenBase, QATLinear):
     """A QATLinear over a frozen base weight W0, 16-bit or packed: ŵ = fake_quant(float32(W0), α),
     so its output is on the export's float32 grid while W0 stays as it was stored."""
-
-    base_only = False  # see frozen_base
 
     @classmethod
     def from_base(cls, module: nn.Module, spec: QuantSpec) -> "FrozenQATLinear":
         """From an nn.Linear or a packed nn.QuantizedLinear (kept packed)."""
         return _frozen(module, spec, cls.from_linear)
 
-    def quantized_weight(self) -> mx.array:
-        return base_weight(self, None) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
-
     def _extra_repr(self) -> str:
         return f"{base_shape(self)[1]}, {base_shape(self)[0]}, bias={'bias' in self}, {self.spec}, frozen base"
 
 
-class FrozenQATEmbedding(QATEmbedding):
+class FrozenQATEmbedding(_FrozenBase, QATEmbedding):
     """A QATEmbedding over a frozen base weight (see FrozenQATLinear)."""
-
-    base_only = False  # see frozen_base
 
     @classmethod
     def from_base(cls, module: nn.Module, spec: QuantSpec) -> "FrozenQATEmbedding":
         """From an nn.Embedding or a packed nn.QuantizedEmbedding (kept packed)."""
         return _frozen(module, spec, cls.from_embedding)
-
-    def quantized_weight(self) -> mx.array:
-        return base_weight(self, None) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
 
     def _extra_repr(self) -> str:
         return f"{base_shape(self)[0]}, {base_shape(self)[1]}, {self.spec}, frozen base"

@@ -63,7 +63,8 @@ def build(args: llama.ModelArgs, seed: int = 0) -> llama.Model:
 
 def num_params(model: nn.Module) -> int:
     """N: trainable weights, the tied embedding counted once (learned scales α excluded), and the
-    weights of MLX's packed layers (a base kept packed: frozen, counted as the matrices they pack)."""
-    packed = sum(m.weight.size * 32 // m.bits for _, m in model.named_modules()
+    weights of MLX's packed layers (a base kept packed: frozen, counted as the matrices they pack,
+    with their biases)."""
+    packed = sum(m.weight.size * 32 // m.bits + (m["bias"].size if "bias" in m else 0) for _, m in model.named_modules()
                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
     return packed + sum(v.size for k, v in tree_flatten(model.trainable_parameters()) if not is_learned_scale(k))

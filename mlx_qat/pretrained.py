@@ -55,8 +55,9 @@ def load(path: Union[str, Path], dtype: Optional[mx.Dtype] = mx.float32, lazy: b
     checkpoint's own 16-bit type (`half_dtype`), for a base that stays frozen (low-rank QAT).
     lazy: build the model and check it, but leave a directory's weights unread until they are
     first evaluated (a GGUF file is read whole either way; only its dequantization waits).
-    packed: a quantized directory's packed layers stay packed (their scales in `dtype`), for a
-    frozen base that low-rank QAT dequantizes inside each step; a GGUF is dequantized regardless."""
+    packed: a quantized directory's packed layers stay packed (affine scales and biases in
+    `dtype`), for a frozen base that low-rank QAT dequantizes inside each step; a GGUF is
+    dequantized regardless."""
     path = Path(path)
     if dtype is not None and not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"dtype={dtype}; use a float type (mx.float32, mx.bfloat16, mx.float16)")

@@ -277,7 +277,8 @@ class QuantSpec:
     def from_dict(cls, data: dict) -> "QuantSpec":
         unknown = set(data) - {"bits", "group_size", "mode", "learned_scale"}
         if unknown or "bits" not in data:
-            raise ValueError(f"a QuantSpec is {{'bits': ..., 'group_size': ..., 'mode': ...}}; got {data!r}")
+            raise ValueError(f"a QuantSpec is {{'bits': ..., 'group_size': ..., 'mode': ..., 'learned_scale': ...}}; "
+                             f"got {data!r}")
         return cls(data["bits"], data.get("group_size"), data.get("mode", "affine"), data.get("learned_scale", False))
 
     def __str__(self) -> str:

@@ -60,6 +60,7 @@ def summary(plan, records, final_loss, exported_loss, exported, train_seconds, c
         "B": cfg.bits if plan.qat_steps else None,
         "group_size": cfg.group_size,
         "mode": cfg.mode,
+        "fp_scale": cfg.fp_scale,
         "S_total": plan.s_total,
         "qat_fraction": plan.qat_fraction,
         "schedule": cfg.schedule,

@@ -100,7 +100,7 @@ def read_results(*paths: Path, schedule: Optional[str] = None, fp_anchors: bool 
     modes = sorted({mode for _, _, _, b, *_, mode in records if np.isfinite(b)})
     if len(modes) > 1:
         raise FitError(f"{', '.join(map(str, paths))} mix the quantization modes {', '.join(modes)}, which the law does "
-                       "not tell apart; fit the results of one mode at a time")
+                       "not tell apart; fit the results of one mode (and FP scale) at a time")
     rows = [(n, d_fp, d_qat, b, loss, d_fp + d_qat, False) for n, d_fp, d_qat, b, loss, _, kind, _ in records
             if schedule is None or not np.isfinite(b) or kind in (None, schedule)]
     if not any(np.isfinite(row[3]) for row in rows) and schedule is not None:
@@ -151,6 +151,8 @@ def _read_records(path: Path) -> List[tuple]:
         if fp_loss is not None and not (isinstance(fp_loss, (int, float)) and math.isfinite(fp_loss) and fp_loss > 0):
             raise FitError(f"{path}:{i}: fp_val_loss must be a positive number or null")
         mode = record.get("mode") or (record.get("config") or {}).get("mode") or "affine"
+        if mode != "affine":  # learned and derived scales are different quantizers to the law
+            mode += f" ({record.get('fp_scale') or (record.get('config') or {}).get('fp_scale') or 'derived'} scales)"
         rows.append((n, d_fp, d_qat, float(b) if qat else np.nan, loss, fp_loss, record.get("schedule"), mode))
     return rows
 

@@ -201,10 +201,11 @@ def test_the_frozen_base_is_the_pretrained_model_and_the_distillation_teacher():
     assert keys_of(grads) == keys_of(model.trainable_parameters())
 
 
-def packed_base(bits: int = 8) -> nn.Module:
-    """The base quantized by MLX (blocks and embedding at `bits`, groups of 64): QLoRA's base."""
+def packed_base(bits: int = 8, mode: str = "affine") -> nn.Module:
+    """The base quantized by MLX (blocks and embedding at `bits`, groups of 64, or in a float
+    format's own groups): QLoRA's base."""
     model = base()
-    nn.quantize(model, group_size=64, bits=bits)
+    nn.quantize(model, group_size=64 if mode == "affine" else None, bits=bits, mode=mode)
     mx.eval(model.parameters())
     return model
 
@@ -252,3 +253,10 @@ def test_a_packed_base_exports_losslessly_and_is_its_own_teacher(tokenizer_dir, 
     assert not any("scales" in m for _, m in model.named_modules() if isinstance(m, (LowRankQATLinear, *QAT_LAYERS)))
     loaded, _ = mlx_lm.load(str(tmp_path / "m"))
     np.testing.assert_allclose(np.array(loaded(IDS)), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_format_base_kept_packed_is_its_own_teacher():
+    """Its scales are uint8: the teacher dequantizes it as mlx-lm does (in bfloat16)."""
+    model = lowrank_of(packed_base(4, "mxfp4"))
+    with frozen_base(model):
+        assert mx.array_equal(model(IDS), dequantize_model(packed_base(4, "mxfp4"))(IDS)).item()
