@@ -345,8 +345,8 @@ def merge_results(results_dir: Path) -> Path:
 
 
 def result_record(run: Run, summary: dict) -> dict:
-    keys = ("N", "D_fp", "D_qat", "B", "mode", "group_size", "schedule", "qat_fraction", "S_total", "final_val_loss",
-            "fp_val_loss", "exported_val_loss", "tokens_per_s")
+    keys = ("N", "D_fp", "D_qat", "B", "mode", "fp_scale", "group_size", "schedule", "qat_fraction", "S_total",
+            "final_val_loss", "fp_val_loss", "exported_val_loss", "tokens_per_s")
     return {"name": run.name, **{k: summary[k] for k in keys}, "wall_seconds": summary["train_seconds"],
             "branch_tokens": run.branch_tokens, "trunk": run.trunk, "versions": versions(), "config": run.cfg.to_dict()}
 
