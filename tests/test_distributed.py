@@ -103,22 +103,28 @@ def test_ranks_with_different_configs_are_refused(run_config, tmp_path):
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
-def test_a_run_from_a_pretrained_model_trains_alike_on_two_ranks(dataset, tmp_path):
+@pytest.mark.parametrize("fine_tune_type", ["full", "lora"])
+def test_a_run_from_a_pretrained_model_trains_alike_on_two_ranks(dataset, tmp_path, fine_tune_type):
     """--init-from an mlx-lm directory: every rank loads the model, rank 0 tokenizes the text with
-    the model's tokenizer, and the comparison with PTQ is made once, on the same batches."""
+    the model's tokenizer, and the comparison with PTQ is made once, on the same batches. Low-rank
+    QAT averages only the adapters' and α's gradients over the ranks."""
     from mlx_lm.utils import save_config, save_model
 
     from mlx_qat.model import from_config
 
     arch = {"model_type": "llama", "vocab_size": 384, "rms_norm_eps": 1e-5, **MICRO_MODEL}
     model = tmp_path / "model"
-    save_model(model, from_config(arch, seed=1))
+    base = from_config(arch, seed=1)
+    if fine_tune_type == "lora":
+        base.set_dtype(mx.bfloat16)  # the frozen base stays in its 16-bit dtype
+    save_model(model, base)
     save_config(arch, model / "config.json")
     for f in dataset.glob("tokenizer*"):
         shutil.copy(f, model)
     args = ["--init-from", model, "--data", dataset.parent / "text.txt", "--data-cache", tmp_path / "cache",
             "--total-tokens", 20 * 4 * 32, "--batch-size", 4, "--seq-len", 32, "--bits", 2, "--group-size", 32,
-            "--report-every", 1, "--eval-every", 10, "--eval-batches", 2, "--snapshot-at", f"[{20 * 4 * 32}]"]
+            "--report-every", 1, "--eval-every", 10, "--eval-batches", 2, "--snapshot-at", f"[{20 * 4 * 32}]",
+            "--fine-tune-type", fine_tune_type]
     args = list(map(str, args))
     subprocess.run([*TRAIN, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True)
     result = launch(*TRAIN, *args, "--out", str(tmp_path / "two"))
