@@ -33,8 +33,8 @@ FP_BITS = 16  # the full-precision reference stores bf16/fp16 weights
 F_MIN, F_MAX = 1e-4, 1 - 1e-4
 
 # The law `plan` uses without --law: a file inside the package, named relative to it (listed in
-# pyproject.toml's package data). It is the fit to the first local sweep (benchmarks/results/sweep_v1,
-# superseded): tiny models, small budgets, a CPU. Its label and fitted ranges print with every answer.
+# pyproject.toml's package data). It is the local sweep's fused fit (benchmarks/results/sweep): tiny
+# models, small budgets, a CPU. Its label and fitted ranges print with every answer.
 PACKAGED_LAW: Optional[str] = "laws/local.json"
 
 
