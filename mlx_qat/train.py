@@ -276,6 +276,7 @@ def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = N
     summary is returned, a checkpointed one resumed (from its newest checkpoint that reads back
     whole), one killed before its first checkpoint, or whose every checkpoint is corrupt, started again."""
     out = Path(out)
+    refuse_another_config(cfg, out)
     finished = report.read_summary(out)
     if finished is not None:
         return finished
@@ -288,6 +289,20 @@ def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = N
               f"directory is kept as {aside})", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)  # nothing to keep
     return run(cfg, out, init_from=init_from, show_progress=show_progress, alone=alone)
+
+
+def refuse_another_config(cfg: config.TrainConfig, out: Path) -> None:
+    """A run directory left by another config is not this run's to finish or return. Keys the
+    stored config lacks (added since it was written) take their defaults and are not compared."""
+    path = out / report.CONFIG
+    if not path.exists():
+        return
+    stored, wanted = yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    changed = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"{out} holds a run of another config ({k}: {stored[k]!r} there, {wanted[k]!r} here); "
+                         "remove it or choose another directory")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -304,6 +304,14 @@ def test_run_to_end_starts_again_when_no_checkpoint_is_readable(dataset, tmp_pat
     assert summary["D_total"] == 40 * 128 and sorted(losses(tmp_path / "run")) == list(range(1, 41))
 
 
+def test_run_to_end_refuses_a_directory_left_by_another_config(dataset, tmp_path):
+    cfg = micro(dataset)
+    train.run_to_end(cfg, tmp_path / "run", show_progress=False)
+    with pytest.raises(ValueError, match=r"holds a run of another config \(total_tokens: 5120 there, 10240 here\)"):
+        train.run_to_end(micro(dataset, total_tokens=2 * cfg.total_tokens), tmp_path / "run", show_progress=False)
+    assert train.run_to_end(cfg, tmp_path / "run", show_progress=False)["D_total"] == cfg.total_tokens  # its own
+
+
 # ---------------------------------------------------------------- --out
 
 
