@@ -151,6 +151,30 @@ void dispatch_type(mx::Dtype dtype, F f) {
   }
 }
 
+// An output's buffer: the donor's when it may be taken over (the backward writes dw over the
+// cotangent it no longer needs), else a fresh one.
+void allocate(mx::array& out, const mx::array* donor = nullptr) {
+  if (donor != nullptr && donor->is_donatable() && donor->flags().row_contiguous) {
+    out.copy_shared_buffer(*donor);
+    return;
+  }
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  prefer_huge_pages(out);
+}
+
+// The stream's command encoder, told what the next task reads and writes.
+mx::cpu::CommandEncoder& encoder_for(mx::Stream stream, const std::vector<mx::array>& inputs,
+                                     std::initializer_list<mx::array*> outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  for (auto* a : outputs) {
+    encoder.set_output_array(*a);
+  }
+  return encoder;
+}
+
 // Call f with the weight type and the quantizer kind as compile-time constants.
 template <typename F>
 void dispatch(mx::Dtype dtype, int kind, F f) {
@@ -166,22 +190,44 @@ void dispatch(mx::Dtype dtype, int kind, F f) {
 
 struct Params {
   int kind, qn, qp, group;
+  float grad_scale = 0;  // the backward's
   bool operator==(const Params&) const = default;
 };
 
-class FakeQuantForward : public mx::UnaryPrimitive {
+// What each primitive here shares: its parameters (equal parameters, equivalent primitives for
+// MLX's graph simplification), its name, and no GPU path (the GPU kernels are in gpu.py).
+template <typename Base, typename P>
+class CpuPrimitive : public Base {
  public:
-  FakeQuantForward(mx::Stream stream, Params p) : mx::UnaryPrimitive(stream), p_(p) {}
+  CpuPrimitive(mx::Stream stream, P p, const char* name) : Base(stream), p_(p), name_(name) {}
+
+  const char* name() const override { return name_; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const CpuPrimitive*>(&other);
+    return o != nullptr && name_ == o->name_ && p_ == o->p_;
+  }
+
+ protected:
+  [[noreturn]] static void cpu_only() {
+    throw std::runtime_error("the fused CPU fake-quant kernel runs on the CPU only");
+  }
+
+  P p_;
+
+ private:
+  const char* name_;
+};
+
+class FakeQuantForward : public CpuPrimitive<mx::UnaryPrimitive, Params> {
+ public:
+  FakeQuantForward(mx::Stream stream, Params p) : CpuPrimitive(stream, p, "FakeQuantForward") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& w = inputs[0];
     auto& alpha = inputs[1];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    prefer_huge_pages(out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(w);
-    encoder.set_input_array(alpha);
-    encoder.set_output_array(out);
+    allocate(out);
+    auto& encoder = encoder_for(stream(), inputs, {&out});
     encoder.dispatch([w = mx::array::unsafe_weak_copy(w), alpha = mx::array::unsafe_weak_copy(alpha),
                       out = mx::array::unsafe_weak_copy(out), p = p_]() mutable {
       dispatch(out.dtype(), p.kind, [&](auto type_tag, auto kind) {
@@ -196,24 +242,12 @@ class FakeQuantForward : public mx::UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("the fused CPU fake-quant kernel runs on the CPU only");
-  }
-
-  const char* name() const override { return "FakeQuantForward"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return p_ == static_cast<const FakeQuantForward&>(other).p_;
-  }
-
- private:
-  Params p_;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { cpu_only(); }
 };
 
-class FakeQuantBackward : public mx::Primitive {
+class FakeQuantBackward : public CpuPrimitive<mx::Primitive, Params> {
  public:
-  FakeQuantBackward(mx::Stream stream, Params p, float grad_scale)
-      : mx::Primitive(stream), p_(p), grad_scale_(grad_scale) {}
+  FakeQuantBackward(mx::Stream stream, Params p) : CpuPrimitive(stream, p, "FakeQuantBackward") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& w = inputs[0];
@@ -221,22 +255,12 @@ class FakeQuantBackward : public mx::Primitive {
     auto& cot = inputs[2];
     auto& dw = outputs[0];
     auto& dalpha = outputs[1];
-    if (cot.is_donatable() && cot.flags().row_contiguous) {
-      dw.copy_shared_buffer(cot);
-    } else {
-      dw.set_data(mx::allocator::malloc(dw.nbytes()));
-      prefer_huge_pages(dw);
-    }
-    dalpha.set_data(mx::allocator::malloc(dalpha.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) {
-      encoder.set_input_array(a);
-    }
-    encoder.set_output_array(dw);
-    encoder.set_output_array(dalpha);
+    allocate(dw, &cot);
+    allocate(dalpha);
+    auto& encoder = encoder_for(stream(), inputs, {&dw, &dalpha});
     encoder.dispatch([w = mx::array::unsafe_weak_copy(w), alpha = mx::array::unsafe_weak_copy(alpha),
                       cot = mx::array::unsafe_weak_copy(cot), dw = mx::array::unsafe_weak_copy(dw),
-                      dalpha = mx::array::unsafe_weak_copy(dalpha), p = p_, s = grad_scale_]() mutable {
+                      dalpha = mx::array::unsafe_weak_copy(dalpha), p = p_]() mutable {
       dispatch(dw.dtype(), p.kind, [&](auto type_tag, auto kind) {
         using T = decltype(type_tag);
         const T* wp = w.data<T>();
@@ -245,26 +269,13 @@ class FakeQuantBackward : public mx::Primitive {
         T* dwp = dw.data<T>();
         float* dap = dalpha.data<float>();
         parallel_groups(alpha.size(), p.group, [&](size_t first, size_t last) {
-          backward_groups<T, kind.value>(wp, ap, cp, dwp, dap, p.qn, p.qp, s, p.group, first, last);
+          backward_groups<T, kind.value>(wp, ap, cp, dwp, dap, p.qn, p.qp, p.grad_scale, p.group, first, last);
         });
       });
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("the fused CPU fake-quant kernel runs on the CPU only");
-  }
-
-  const char* name() const override { return "FakeQuantBackward"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const FakeQuantBackward&>(other);
-    return p_ == o.p_ && grad_scale_ == o.grad_scale_;
-  }
-
- private:
-  Params p_;
-  float grad_scale_;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { cpu_only(); }
 };
 
 // Call f with the weight type and the float format as compile-time constants.
@@ -284,17 +295,14 @@ struct FpParams {
   bool operator==(const FpParams&) const = default;
 };
 
-class FpQuantForward : public mx::UnaryPrimitive {
+class FpQuantForward : public CpuPrimitive<mx::UnaryPrimitive, FpParams> {
  public:
-  FpQuantForward(mx::Stream stream, FpParams p) : mx::UnaryPrimitive(stream), p_(p) {}
+  FpQuantForward(mx::Stream stream, FpParams p) : CpuPrimitive(stream, p, "FpQuantForward") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& w = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    prefer_huge_pages(out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(w);
-    encoder.set_output_array(out);
+    allocate(out);
+    auto& encoder = encoder_for(stream(), inputs, {&out});
     encoder.dispatch([w = mx::array::unsafe_weak_copy(w), out = mx::array::unsafe_weak_copy(out), p = p_]() mutable {
       fp_dispatch(out.dtype(), p.fmt, [&](auto type_tag, auto fmt) {
         using T = decltype(type_tag);
@@ -307,37 +315,18 @@ class FpQuantForward : public mx::UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("the fused CPU fake-quant kernel runs on the CPU only");
-  }
-
-  const char* name() const override { return "FpQuantForward"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return p_ == static_cast<const FpQuantForward&>(other).p_;
-  }
-
- private:
-  FpParams p_;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { cpu_only(); }
 };
 
-class FpQuantBackward : public mx::UnaryPrimitive {
+class FpQuantBackward : public CpuPrimitive<mx::UnaryPrimitive, FpParams> {
  public:
-  FpQuantBackward(mx::Stream stream, FpParams p) : mx::UnaryPrimitive(stream), p_(p) {}
+  FpQuantBackward(mx::Stream stream, FpParams p) : CpuPrimitive(stream, p, "FpQuantBackward") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& dw) override {
     auto& w = inputs[0];
     auto& cot = inputs[1];
-    if (cot.is_donatable() && cot.flags().row_contiguous) {
-      dw.copy_shared_buffer(cot);
-    } else {
-      dw.set_data(mx::allocator::malloc(dw.nbytes()));
-      prefer_huge_pages(dw);
-    }
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(w);
-    encoder.set_input_array(cot);
-    encoder.set_output_array(dw);
+    allocate(dw, &cot);
+    auto& encoder = encoder_for(stream(), inputs, {&dw});
     encoder.dispatch([w = mx::array::unsafe_weak_copy(w), cot = mx::array::unsafe_weak_copy(cot),
                       dw = mx::array::unsafe_weak_copy(dw), p = p_]() mutable {
       fp_dispatch(dw.dtype(), p.fmt, [&](auto type_tag, auto fmt) {
@@ -352,18 +341,7 @@ class FpQuantBackward : public mx::UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("the fused CPU fake-quant kernel runs on the CPU only");
-  }
-
-  const char* name() const override { return "FpQuantBackward"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return p_ == static_cast<const FpQuantBackward&>(other).p_;
-  }
-
- private:
-  FpParams p_;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { cpu_only(); }
 };
 
 // Checked here rather than trusted: a wrong shape would read out of bounds.
@@ -394,6 +372,7 @@ mx::array forward(const mx::array& w, const mx::array& alpha, int kind, int qn, 
 std::pair<mx::array, mx::array> backward(const mx::array& w, const mx::array& alpha, const mx::array& cotangent,
                                          int kind, int qn, int qp, float grad_scale) {
   auto p = checked(w, alpha, kind, qn, qp);
+  p.grad_scale = grad_scale;
   if (cotangent.shape() != w.shape()) {
     throw std::invalid_argument("fake_quant: the cotangent must have the weight's shape");
   }
@@ -401,7 +380,7 @@ std::pair<mx::array, mx::array> backward(const mx::array& w, const mx::array& al
   std::vector<mx::array> inputs = {prepared(w, w.dtype(), s), prepared(alpha, mx::float32, s),
                                    prepared(cotangent, w.dtype(), s)};
   auto outputs = mx::array::make_arrays({w.shape(), alpha.shape()}, {w.dtype(), mx::float32},
-                                        std::make_shared<FakeQuantBackward>(s, p, grad_scale), inputs);
+                                        std::make_shared<FakeQuantBackward>(s, p), inputs);
   return {outputs[0], outputs[1]};
 }
 
