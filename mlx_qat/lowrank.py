@@ -117,7 +117,7 @@ class _FrozenBase:
     base_only = False
 
     def quantized_weight(self) -> mx.array:
-        return base_weight(self, None) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
+        return base_weight(self) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
 
 
 class FrozenQATLinear(_FrozenBase, QATLinear):
@@ -194,7 +194,7 @@ class LowRankQATLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.base_only:
-            y = x @ base_weight(self, None).T
+            y = x @ base_weight(self).T
             return y + self.bias if "bias" in self else y
         y = x @ self.quantized_weight().T
         if self.training and self.dropout > 0:
@@ -212,8 +212,11 @@ FROZEN_BASE_LAYERS = (FrozenQATLinear, FrozenQATEmbedding, LowRankQATLinear)  # 
 
 @contextmanager
 def frozen_base(model: nn.Module):
-    """Within it, a low-rank QAT model computes with its frozen base alone: y = x W0ᵀ (+ b) in
-    W0's dtype, no adapter and no fake-quant anywhere: the pretrained model it started from.
+    """Within it, a low-rank QAT model computes with its frozen base alone: y = x float32(W0)ᵀ (+ b),
+    no adapter and no fake-quant anywhere: the pretrained model it started from, computed in
+    float32 as the student is (the float32 copy of each W0 is as transient as the student's; and a
+    16-bit matmul has no BLAS path on the CPU: a teacher in W0's dtype made a distillation step
+    seven times slower).
     Distillation's teacher is this view (`teacher_of`), so the teacher costs no second copy of
     the model. A flag read when the forward is traced: a compiled step traces the teacher's
     forward inside it, the student's outside."""

@@ -35,6 +35,22 @@ def base() -> nn.Module:
     return model
 
 
+def in_float32(model: nn.Module) -> nn.Module:
+    """A model computed in float32, as the frozen-base teacher computes."""
+    model.set_dtype(mx.float32)
+    return model
+
+
+def dequantized_in_float32(model: nn.Module) -> nn.Module:
+    """mlx-lm's dequantize_model, to float32 (the teacher reads a packed W0 as the student does)."""
+    dequantize = mx.dequantize
+    mx.dequantize = lambda *a, **k: dequantize(*a, **{**k, "dtype": mx.float32})
+    try:
+        return in_float32(dequantize_model(model))
+    finally:
+        mx.dequantize = dequantize
+
+
 def lowrank(spec=SPEC, rank=4, scale=2.0, **kwargs) -> nn.Module:
     model = base()
     return to_lowrank_qat(model, quant_specs(model, spec), rank, scale, **kwargs)
@@ -181,8 +197,8 @@ def test_dropout_perturbs_the_low_rank_path_in_training_only():
 def test_the_frozen_base_is_the_pretrained_model_and_the_distillation_teacher():
     model = lowrank(dropout=0.5, num_layers=1)  # adapters, frozen QAT layers and the quantized embedding
     train(model, 3)  # the adapters and α move off their start
-    with frozen_base(model):  # W0 alone, bit for bit: no adapter, no grid, and no dropout though training
-        assert model.training and mx.array_equal(model(IDS), base()(IDS)).item()
+    with frozen_base(model):  # W0 alone, bit for bit in float32: no adapter, no grid, no dropout though training
+        assert model.training and mx.array_equal(model(IDS), in_float32(base())(IDS)).item()
     model.eval()
     quantized = model(IDS)
     with frozen_base(model):
@@ -192,7 +208,7 @@ def test_the_frozen_base_is_the_pretrained_model_and_the_distillation_teacher():
     # distillation from the student's own base equals distillation from a second copy of the model,
     # also inside a compiled step (the flag is read while tracing)
     tokens = mx.concatenate([IDS, IDS[:, :1]], axis=1)
-    own, copy = make_distill_loss(teacher_of(model)), make_distill_loss(base())
+    own, copy = make_distill_loss(teacher_of(model)), make_distill_loss(in_float32(base()))
     assert own(model, tokens).item() == pytest.approx(copy(model, tokens).item(), rel=1e-6)
     assert own(model, tokens).item() > 0  # the student is on its grid, the teacher is not
     loss_and_grad = nn.value_and_grad(model, own)
@@ -244,8 +260,8 @@ def test_a_packed_base_stays_packed_and_trains_as_its_float32_values(spec):
 
 def test_a_packed_base_exports_losslessly_and_is_its_own_teacher(tokenizer_dir, tmp_path):
     model = lowrank_of(packed_base())
-    with frozen_base(model):  # the teacher: the packed model dequantized as mlx-lm dequantizes it, bit for bit
-        assert mx.array_equal(model(IDS), dequantize_model(packed_base())(IDS)).item()
+    with frozen_base(model):  # the teacher: the packed model dequantized as mlx-lm does, in float32, bit for bit
+        assert mx.array_equal(model(IDS), dequantized_in_float32(packed_base())(IDS)).item()
     train(model, 3)
     model.eval()
     want = model(IDS)
@@ -256,7 +272,7 @@ def test_a_packed_base_exports_losslessly_and_is_its_own_teacher(tokenizer_dir, 
 
 
 def test_a_float_format_base_kept_packed_is_its_own_teacher():
-    """Its scales are uint8: the teacher dequantizes it as mlx-lm does (in bfloat16)."""
+    """Its scales are uint8: the teacher dequantizes it as mlx-lm does (to float32)."""
     model = lowrank_of(packed_base(4, "mxfp4"))
     with frozen_base(model):
-        assert mx.array_equal(model(IDS), dequantize_model(packed_base(4, "mxfp4"))(IDS)).item()
+        assert mx.array_equal(model(IDS), dequantized_in_float32(packed_base(4, "mxfp4"))(IDS)).item()
