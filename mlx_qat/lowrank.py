@@ -215,8 +215,8 @@ def frozen_base(model: nn.Module):
     """Within it, a low-rank QAT model computes with its frozen base alone: y = x float32(W0)ᵀ (+ b),
     no adapter and no fake-quant anywhere: the pretrained model it started from, computed in
     float32 as the student is (the float32 copy of each W0 is as transient as the student's; and a
-    16-bit matmul has no BLAS path on the CPU: a teacher in W0's dtype made a distillation step
-    seven times slower).
+    16-bit matmul has no BLAS path on the CPU: a teacher in W0's dtype made SmolLM2-135M's
+    distillation step six times slower).
     Distillation's teacher is this view (`teacher_of`), so the teacher costs no second copy of
     the model. A flag read when the forward is traced: a compiled step traces the teacher's
     forward inside it, the student's outside."""
