@@ -101,7 +101,7 @@ def float_format_row(mode: str, w, g, backend: str, copy: float, repeats: int) -
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=float, nargs="+", default=[2, 4])
+    parser.add_argument("--bits", type=float, nargs="*", default=[2, 4], help="affine widths (none: the float formats alone)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="millions of elements")
     parser.add_argument("--modes", nargs="*", default=list(FORMATS), choices=list(FORMATS),
                         help="float formats, each timed against its MLX-ops reference (compiled and eager)")
