@@ -114,12 +114,18 @@ def resume_point(out: Path, cfg: config.TrainConfig, writer: bool) -> Path:
     return path
 
 
-def check_same_run(cfg: config.TrainConfig, saved: dict, out: Path) -> None:
-    """A resumed run keeps its config, but for the keys that change none of its numbers."""
+def config_changes(cfg: config.TrainConfig, saved: dict) -> dict:
+    """key -> (saved value, cfg's) for each key in which `cfg` differs from a run's `saved` config,
+    but for the keys that change none of its numbers."""
     start = config.PRETRAINED_DEFAULTS if saved.get("pretrained") is not None else {}
     # keys newer than the run: the defaults its start would have given them
     saved = {k: saved[k] if k in saved else start.get(k, config.default(k)) for k in config.FIELDS}
-    changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if saved[k] != v and k not in config.RESUME_MAY_CHANGE}
+    return {k: (saved[k], v) for k, v in cfg.to_dict().items() if saved[k] != v and k not in config.RESUME_MAY_CHANGE}
+
+
+def check_same_run(cfg: config.TrainConfig, saved: dict, out: Path) -> None:
+    """A resumed run keeps its config, but for the keys that change none of its numbers."""
+    changed = config_changes(cfg, saved)
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise StartError(f"the config differs from the run in {out} ({diff}); resume without --config, or use a new --out")

@@ -46,7 +46,8 @@ from .evaluate import evaluate, loss_fn
 from .layers import quant_specs, to_qat
 from .monitor import Clock, Monitor, reporting_callback
 from .schedule import RunPlan, Schedule, make_schedule, plan_run
-from .start import Start, StartError, branch_step, config_file, leave_nothing_if_refused, parse_init_from
+from .start import (Start, StartError, branch_step, config_changes, config_file, leave_nothing_if_refused,
+                    parse_init_from)
 from .start import resolve as resolve_start
 from .step import build_step, draws_random_numbers, forget_moments, keep_freed_buffers, make_loss, step_seed
 
@@ -292,16 +293,15 @@ def run_to_end(cfg: config.TrainConfig, out: Path, init_from: Optional[Path] = N
 
 
 def refuse_another_config(cfg: config.TrainConfig, out: Path) -> None:
-    """A run directory left by another config is not this run's to finish or return. Keys the
-    stored config lacks (added since it was written) take their defaults and are not compared."""
+    """A run directory left by another config is not this run's to finish or return (the keys a
+    resume may change aside, as for --resume)."""
     path = out / report.CONFIG
     if not path.exists():
         return
-    stored, wanted = yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    changed = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+    changed = config_changes(cfg, yaml.safe_load(path.read_text()))
     if changed:
-        k = changed[0]
-        raise ValueError(f"{out} holds a run of another config ({k}: {stored[k]!r} there, {wanted[k]!r} here); "
+        k, (there, here) = next(iter(changed.items()))
+        raise ValueError(f"{out} holds a run of another config ({k}: {there!r} there, {here!r} here); "
                          "remove it or choose another directory")
 
 
