@@ -16,6 +16,7 @@ spec has learned_scale, when α is the group's scale, rounded to what the format
 signature of MLX's, so `nn.quantize(model)` packs a QAT model too.
 """
 
+import math
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
@@ -172,8 +173,12 @@ class QATLinear(nn.Module):
         _init_scale(layer)
         return layer
 
+    def float_weight(self) -> mx.array:
+        """W: what ŵ is computed from (a frozen base overrides it)."""
+        return self.weight
+
     def quantized_weight(self) -> mx.array:
-        return fake_quantized(self.weight, self.get(SCALE), self.spec)
+        return fake_quantized(self.float_weight(), self.get(SCALE), self.spec)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = x @ self.quantized_weight().T
@@ -193,6 +198,17 @@ class QATLinear(nn.Module):
 
     def _extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, bias={'bias' in self}, {self.spec}"
+
+
+@mx.custom_function
+def _scaled_gradient(x: mx.array, factor: mx.array) -> mx.array:
+    """x, with its gradient multiplied by `factor` (an exact identity forward)."""
+    return x
+
+
+@_scaled_gradient.vjp
+def _scaled_gradient_vjp(primals, cotangent, output):
+    return cotangent * primals[1], mx.zeros_like(primals[1])
 
 
 class QATEmbedding(nn.Module):
@@ -215,11 +231,26 @@ class QATEmbedding(nn.Module):
         _init_scale(layer)
         return layer
 
-    def quantized_weight(self) -> mx.array:
-        return fake_quantized(self.weight, self.get(SCALE), self.spec)
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(vocabulary, dims) of the table (a frozen base overrides it)."""
+        return tuple(self.weight.shape)
+
+    def float_weight(self, rows: Optional[mx.array] = None) -> mx.array:
+        """W, or its `rows`: what ŵ is computed from (a frozen base overrides it)."""
+        return self.weight if rows is None else self.weight[rows]
+
+    def quantized_weight(self, rows: Optional[mx.array] = None) -> mx.array:
+        """ŵ, or ŵ[rows] computed from those rows alone: a row's grid is its own (groups lie
+        within rows), so the lookup needs no float32 ŵ of the whole table, nor its gradient.
+        The rows' α gradient keeps the whole table's LSQ scale 1/sqrt(numel(W)·Qp)."""
+        alpha, w = self.get(SCALE), self.float_weight(rows)
+        if alpha is not None and rows is not None:
+            alpha = _scaled_gradient(alpha[rows], mx.array((w.size / math.prod(self.shape)) ** 0.5))
+        return fake_quantized(w, alpha, self.spec)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        return self.quantized_weight()[ids]
+        return self.quantized_weight(ids.reshape(-1)).reshape(*ids.shape, -1)
 
     def as_linear(self, x: mx.array) -> mx.array:
         # ŵ again rather than kept from the lookup: one more fake_quant (cheap beside the head's

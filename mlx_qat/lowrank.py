@@ -57,14 +57,15 @@ TRAINABLE = (*ADAPTER_LEAVES, SCALE)
 # ---------------------------------------------------------------- the frozen base W0
 
 
-def base_weight(layer: nn.Module, dtype: Optional[mx.Dtype] = mx.float32) -> mx.array:
-    """W0 of a frozen-base layer as a float array of `dtype` (None: as stored, the weight's 16-bit
-    dtype; a packed base in MLX's default, as mlx-lm's dequantize_model gives it). A packed base
-    (`keep_packed`) is dequantized: the transient float copy exists only inside the step."""
+def base_weight(layer: nn.Module, dtype: Optional[mx.Dtype] = mx.float32, rows: Optional[mx.array] = None) -> mx.array:
+    """W0 of a frozen-base layer (or its `rows`) as a float array of `dtype` (None: as stored, the
+    weight's 16-bit dtype; a packed base in MLX's default, as mlx-lm's dequantize_model gives it).
+    A packed base (`keep_packed`) is dequantized: the transient float copy exists only inside the step."""
+    take = lambda a: a if a is None or rows is None else a[rows]  # noqa: E731
     if "scales" not in layer:
-        return layer.weight if dtype is None else layer.weight.astype(dtype)
-    return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.base_group_size, layer.base_bits,
-                         layer.base_mode, dtype=dtype)
+        return take(layer.weight) if dtype is None else take(layer.weight).astype(dtype)
+    return mx.dequantize(take(layer.weight), take(layer.scales), take(layer.get("biases")), layer.base_group_size,
+                         layer.base_bits, layer.base_mode, dtype=dtype)
 
 
 def base_shape(layer: nn.Module) -> tuple:
@@ -116,8 +117,11 @@ class _FrozenBase:
 
     base_only = False
 
-    def quantized_weight(self) -> mx.array:
-        return base_weight(self) if self.base_only else fake_quantized(base_weight(self), self.get(SCALE), self.spec)
+    def float_weight(self, *rows: mx.array) -> mx.array:
+        return base_weight(self, mx.float32, *rows)
+
+    def quantized_weight(self, *rows: mx.array) -> mx.array:
+        return self.float_weight(*rows) if self.base_only else super().quantized_weight(*rows)
 
 
 class FrozenQATLinear(_FrozenBase, QATLinear):
@@ -141,8 +145,12 @@ class FrozenQATEmbedding(_FrozenBase, QATEmbedding):
         """From an nn.Embedding or a packed nn.QuantizedEmbedding (kept packed)."""
         return _frozen(module, spec, cls.from_embedding)
 
+    @property
+    def shape(self) -> tuple:
+        return base_shape(self)
+
     def _extra_repr(self) -> str:
-        return f"{base_shape(self)[0]}, {base_shape(self)[1]}, {self.spec}, frozen base"
+        return f"{self.shape[0]}, {self.shape[1]}, {self.spec}, frozen base"
 
 
 class LowRankQATLinear(nn.Module):

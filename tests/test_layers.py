@@ -140,6 +140,25 @@ def test_embedding_keeps_no_state_between_calls():
     assert mx.array_equal(embedding.as_linear(x), expected).item()
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(3, None), QuantSpec(4, 32, "mxfp4"),
+                                  QuantSpec(4, 16, "nvfp4", learned_scale=True)], ids=str)
+def test_the_lookup_quantizes_only_its_rows_and_equals_the_table(spec):
+    """ŵ[ids] from the looked-up rows alone, bit for bit, with the gradients of the whole table's path."""
+    layer = QATEmbedding.from_embedding(nn.Embedding(64, 32), spec)
+    ids = mx.array([[5, 1, 5], [63, 0, 2]])
+    assert mx.array_equal(layer(ids), layer.quantized_weight()[ids]).item()
+
+    def loss(params, lookup):
+        layer.update(params)
+        return ((lookup(layer) * mx.arange(32)) ** 2).sum()
+
+    rows = mx.grad(loss)(layer.trainable_parameters(), lambda m: m(ids))
+    table = mx.grad(loss)(layer.trainable_parameters(), lambda m: m.quantized_weight()[ids])
+    for (k, got), (_, want) in zip(tree_flatten(rows), tree_flatten(table)):
+        assert mx.any(want != 0).item(), k
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_tied_head_gradients_reach_the_embedding_from_both_uses():
     layer = QATEmbedding.from_embedding(nn.Embedding(64, 32), QuantSpec(4, 32))
 
