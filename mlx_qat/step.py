@@ -10,6 +10,7 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
 from . import lowrank, pretrained
@@ -108,25 +109,34 @@ def build_step(model: nn.Module, cfg, optimizer: Optional[optim.Optimizer] = Non
     apply_memory_options(model, cfg)
     optimizer = make_optimizer(cfg) if optimizer is None else optimizer
     loss = make_loss(cfg, model) if loss is None else loss
-    return optimizer, make_train_step(model, optimizer, cfg.grad_clip, group, loss)
+    return optimizer, make_train_step(model, optimizer, cfg.grad_clip, group, loss, compiled=not cfg.grad_checkpoint)
 
 
 def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, group=None,
-                    loss: Callable = loss_fn) -> Callable:
-    """One compiled step: forward, backward, gradients averaged over the ranks (if several),
-    clip, AdamW update; it returns the loss of the global batch. Built again whenever the
-    model's layers (and so its state) change. `loss` comes from `make_loss`; a distillation
-    teacher it reads is frozen, so the compiled step may capture it as a constant. MLX's random
-    state is an input and output of the step, so that a step that draws (dropout) draws afresh
-    in every call rather than replaying the numbers of its trace."""
+                    loss: Callable = loss_fn, compiled: bool = True) -> Callable:
+    """One step: forward, backward, gradients averaged over the ranks (if several), clip, AdamW
+    update; it returns the loss of the global batch. Built again whenever the model's layers (and
+    so its state) change. `loss` comes from `make_loss`; a distillation teacher it reads is
+    frozen, so the compiled step may capture it as a constant. MLX's random state is an input and
+    output of the step, so that a step that draws (dropout) draws afresh in every call rather
+    than replaying the numbers of its trace.
+
+    compiled=False is gradient checkpointing's step (build_step's choice): it evaluates the
+    gradients one at a time, the last layer's first, so that the backward pass runs a block at a
+    time and only that block's recomputed activations and float32 weights are alive. Evaluated
+    together (one eval, or one compiled step), MLX's scheduler runs the weight gradients of every
+    block late and keeps each block's transients until then: the memory recomputing was to save.
+    """
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
     ranks = 1 if group is None else group.size()
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(batch):
         loss, grads = loss_and_grad(model, batch)
+        if not compiled:  # the backward pass a block at a time (see above)
+            for _, g in reversed(tree_flatten(grads)):
+                mx.eval(g)
         if ranks > 1:
             grads = nn.average_gradients(grads, group)
             loss = mx.distributed.all_sum(loss, group=group, stream=mx.cpu) / ranks
@@ -135,4 +145,4 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: flo
         optimizer.update(model, grads)
         return loss
 
-    return step
+    return mx.compile(step, inputs=state, outputs=state) if compiled else step
