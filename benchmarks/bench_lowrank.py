@@ -20,7 +20,10 @@ benchmarks/results/pretrained.json sit beside these in the table. Measured here:
                              low-rank QAT, each with and without grad_checkpoint
     step time                compiled 4-bit steps, interleaved, medians: low-rank QAT, full QAT,
                              and mlx-lm's LoRA step (linear_to_lora_layers, the same rank, base
-                             and batch; no fake-quant): the price of training on the grid
+                             and batch; no fake-quant): the price of training on the grid. mlx-lm's
+                             step twice: on the base's float16, as mlx-lm loads it, and in
+                             float32, as low-rank QAT computes (MLX's CPU backend has a BLAS
+                             path for float32 matmuls only)
     --large                  SmolLM2-1.7B's shape (hidden 2048, 24 blocks, intermediate 8192, 32
                              heads, vocabulary 49,152), random bf16 weights saved with mlx-lm's
                              save_model, low-rank QAT steps at batch 1 x 256 with grad_checkpoint:
@@ -84,10 +87,11 @@ def lowrank_state(cfg: config.TrainConfig):
     return SimpleNamespace(cfg=cfg, model=start.model, optimizer=optimizer, step_fn=step_fn), dataset
 
 
-def mlx_lm_lora_state(cfg: config.TrainConfig):
-    """(state, dataset) of mlx-lm's own LoRA step on the same 16-bit base: linear_to_lora_layers on
-    every block, its default_loss, Adam, compiled over the model and optimizer state as its trainer does."""
-    start = pretrained.load(cfg.pretrained, dtype=None)
+def mlx_lm_lora_state(cfg: config.TrainConfig, dtype=None):
+    """(state, dataset) of mlx-lm's own LoRA step on the same base, in its 16-bit dtype (None) or in
+    `dtype`: linear_to_lora_layers on every block, its default_loss, Adam, compiled over the model
+    and optimizer state as its trainer does."""
+    start = pretrained.load(cfg.pretrained, dtype=dtype)
     model = start.model
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), {**cfg.lora_parameters, "dropout": 0.0})
@@ -116,7 +120,8 @@ def step_times(states: dict, steps: int) -> dict:
                 times[name].append(seconds)
     medians = {f"{name}_s": statistics.median(t) for name, t in times.items()}
     return {**medians, "lora_qat_over_full_qat": medians["lora_qat_s"] / medians["full_qat_s"],
-            "lora_qat_over_mlx_lm_lora": medians["lora_qat_s"] / medians["mlx_lm_lora_s"], "steps": steps}
+            **{f"lora_qat_over_{name}": medians["lora_qat_s"] / medians[f"{name}_s"] for name in states
+               if name.startswith("mlx_lm_lora")}, "steps": steps}
 
 
 def peak_per_parameter(make_state, cfg: config.TrainConfig, steps: int = 2) -> dict:
@@ -216,7 +221,8 @@ def main():
         full_qat = lambda **keys: config.resolve({**run_config(args, gguf, train_file, work, 4, "ce").to_dict(), **keys})  # noqa: E731
         results.get("step_time", measure=lambda: step_times(
             {"lora_qat": lowrank_state(four()), "full_qat": qat_state(full_qat(), gguf),
-             "mlx_lm_lora": mlx_lm_lora_state(four())}, args.timing_steps))
+             "mlx_lm_lora": mlx_lm_lora_state(four()), "mlx_lm_lora_float32": mlx_lm_lora_state(four(), mx.float32)},
+            args.timing_steps))
         memory = {"full_qat": (lambda c: qat_state(c, gguf), full_qat()), "lora_qat": (lowrank_state, four()),
                   # last: grad_checkpoint patches the blocks' class, for every model built after it
                   "full_qat_grad_checkpoint": (lambda c: qat_state(c, gguf), full_qat(grad_checkpoint=True)),
