@@ -77,7 +77,7 @@ def packed_copy(gguf: Path, work: Path, bits: int = 8) -> Path:
 
 
 def lowrank_state(cfg: config.TrainConfig):
-    """(state, dataset) of compiled low-rank QAT steps, as a run sets them up."""
+    """(state, dataset) of low-rank QAT steps, as a run sets them up."""
     start = pretrained.load(cfg.pretrained, dtype=None, packed=cfg.quantized_base == "packed")
     dataset = data.load(cfg, start.tokenizer)
     mx.random.seed(cfg.seed)

@@ -131,7 +131,7 @@ def dwq(cfg: config.TrainConfig, start, batches: list) -> dict:
 
 
 def qat_state(cfg: config.TrainConfig, gguf: Path) -> tuple:
-    """(state, dataset) ready for compiled QAT steps from the GGUF, as a run sets them up."""
+    """(state, dataset) ready for QAT steps from the GGUF, as a run sets them up."""
     start = pretrained.load(gguf)
     dataset = data.load(cfg, start.tokenizer)
     optimizer, step_fn = qat_step(start.model, cfg)

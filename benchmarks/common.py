@@ -23,7 +23,7 @@ def revision() -> str:
 
 
 def qat_step(model, cfg, group=None, loss=None) -> tuple:
-    """(optimizer, compiled step) of `model`, converted in place to its QAT form, as a run trains
+    """(optimizer, step) of `model`, converted in place to its QAT form, as a run trains
     it after its switch to QAT (the optimizer fresh, at the peak learning rate)."""
     from mlx_qat import step
     from mlx_qat.layers import quant_specs, to_qat

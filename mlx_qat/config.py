@@ -263,9 +263,10 @@ class TrainConfig:
                     f"one of {', '.join(LOSSES)}", lambda v: v in LOSSES, section="loss")
     kl_weight: float = key(1.0, "distill: loss = kl_weight * KL + (1 - kl_weight) * CE",
                            "a number in [0, 1] (1: KL only), e.g. 1.0", fraction)
-    # memory. Gradient checkpointing trades memory for compute without changing a number, so a
+    # memory. Gradient checkpointing trades memory for compute, changing the losses by float rounding only (1e-5), so a
     # resumed run may turn it on or off.
-    grad_checkpoint: bool = key(False, "recompute each transformer block in the backward pass (less activation memory)",
+    grad_checkpoint: bool = key(False, "recompute each transformer block in the backward pass, which then runs a block "
+                                "at a time (less activation memory; the step is not compiled)",
                                 "true or false", section="memory", resume=True)
     freeze_embedding: bool = key(False, "keep the embedding and LM head weights fixed (still fake-quantized; their α, "
                                  "in affine mode, learns)",

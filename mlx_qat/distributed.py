@@ -1,7 +1,7 @@
 """Data-parallel training over MLX's own distributed engine (`mx.distributed`, `mlx.launch`).
 
 Every rank holds the whole model and reads its own rows of every global batch (rows r, r + K,
-r + 2K, ... of K ranks); the compiled step averages the gradients with `nn.average_gradients`, so
+r + 2K, ... of K ranks); the step averages the gradients with `nn.average_gradients`, so
 weights, α and optimizer state stay identical everywhere and a K-rank run follows the same
 trajectory as one process with the same global batch. Decisions (errors at the start, the NaN
 guard, validation) are taken on reduced values, so every rank takes the same one. Only rank 0

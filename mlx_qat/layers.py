@@ -16,7 +16,6 @@ spec has learned_scale, when α is the group's scale, rounded to what the format
 signature of MLX's, so `nn.quantize(model)` packs a QAT model too.
 """
 
-import math
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
@@ -231,11 +230,6 @@ class QATEmbedding(nn.Module):
         _init_scale(layer)
         return layer
 
-    @property
-    def shape(self) -> Tuple[int, int]:
-        """(vocabulary, dims) of the table (a frozen base overrides it)."""
-        return tuple(self.weight.shape)
-
     def float_weight(self, rows: Optional[mx.array] = None) -> mx.array:
         """W, or its `rows`: what ŵ is computed from (a frozen base overrides it)."""
         return self.weight if rows is None else self.weight[rows]
@@ -243,18 +237,19 @@ class QATEmbedding(nn.Module):
     def quantized_weight(self, rows: Optional[mx.array] = None) -> mx.array:
         """ŵ, or ŵ[rows] computed from those rows alone: a row's grid is its own (groups lie
         within rows), so the lookup needs no float32 ŵ of the whole table, nor its gradient.
-        The rows' α gradient keeps the whole table's LSQ scale 1/sqrt(numel(W)·Qp)."""
+        `rows` is 1-D; their α gradient keeps the whole table's LSQ scale 1/sqrt(numel(W)·Qp)."""
         alpha, w = self.get(SCALE), self.float_weight(rows)
         if alpha is not None and rows is not None:
-            alpha = _scaled_gradient(alpha[rows], mx.array((w.size / math.prod(self.shape)) ** 0.5))
+            alpha = _scaled_gradient(alpha[rows], mx.array((rows.size / self.weight.shape[0]) ** 0.5))
         return fake_quantized(w, alpha, self.spec)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        return self.quantized_weight(ids.reshape(-1)).reshape(*ids.shape, -1)
+        rows = self.quantized_weight(ids.reshape(-1))
+        return rows.reshape(*ids.shape, rows.shape[-1])
 
     def as_linear(self, x: mx.array) -> mx.array:
-        # ŵ again rather than kept from the lookup: one more fake_quant (cheap beside the head's
-        # matmul) instead of per-call state that goes stale.
+        # The whole ŵ, made here: the lookup makes only its rows, and the module keeps no
+        # per-call state that could go stale.
         return x @ self.quantized_weight().T
 
     def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: Optional[str] = None,

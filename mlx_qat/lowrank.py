@@ -61,11 +61,12 @@ def base_weight(layer: nn.Module, dtype: Optional[mx.Dtype] = mx.float32, rows: 
     """W0 of a frozen-base layer (or its `rows`) as a float array of `dtype` (None: as stored, the
     weight's 16-bit dtype; a packed base in MLX's default, as mlx-lm's dequantize_model gives it).
     A packed base (`keep_packed`) is dequantized: the transient float copy exists only inside the step."""
-    take = lambda a: a if a is None or rows is None else a[rows]  # noqa: E731
-    if "scales" not in layer:
-        return take(layer.weight) if dtype is None else take(layer.weight).astype(dtype)
-    return mx.dequantize(take(layer.weight), take(layer.scales), take(layer.get("biases")), layer.base_group_size,
-                         layer.base_bits, layer.base_mode, dtype=dtype)
+    weight, scales, biases = layer.weight, layer.get("scales"), layer.get("biases")
+    if rows is not None:  # packed rows are rows of the packed arrays: a row's groups lie within it
+        weight, scales, biases = (a if a is None else a[rows] for a in (weight, scales, biases))
+    if scales is None:
+        return weight if dtype is None else weight.astype(dtype)
+    return mx.dequantize(weight, scales, biases, layer.base_group_size, layer.base_bits, layer.base_mode, dtype=dtype)
 
 
 def base_shape(layer: nn.Module) -> tuple:
@@ -117,7 +118,7 @@ class _FrozenBase:
 
     base_only = False
 
-    def float_weight(self, *rows: mx.array) -> mx.array:
+    def float_weight(self, *rows: mx.array) -> mx.array:  # *rows: an embedding's (see QATEmbedding), or none
         return base_weight(self, mx.float32, *rows)
 
     def quantized_weight(self, *rows: mx.array) -> mx.array:
@@ -145,12 +146,8 @@ class FrozenQATEmbedding(_FrozenBase, QATEmbedding):
         """From an nn.Embedding or a packed nn.QuantizedEmbedding (kept packed)."""
         return _frozen(module, spec, cls.from_embedding)
 
-    @property
-    def shape(self) -> tuple:
-        return base_shape(self)
-
     def _extra_repr(self) -> str:
-        return f"{self.shape[0]}, {self.shape[1]}, {self.spec}, frozen base"
+        return f"{base_shape(self)[0]}, {base_shape(self)[1]}, {self.spec}, frozen base"
 
 
 class LowRankQATLinear(nn.Module):

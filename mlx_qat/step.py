@@ -1,4 +1,4 @@
-"""The compiled training step and what it is made of: the loss, the optimizer, the memory options.
+"""The training step and what it is made of: the loss, the optimizer, the memory options.
 
 A run builds its step from these (mlx_qat.train), and so does anything that times a step on a
 freshly built model (mlx_qat.sweep's rate, the benchmarks), so both train the same step.
@@ -102,7 +102,7 @@ def step_seed(seed: int, step: int) -> int:
 
 def build_step(model: nn.Module, cfg, optimizer: Optional[optim.Optimizer] = None, group=None,
                loss: Optional[Callable] = None) -> Tuple[optim.Optimizer, Callable]:
-    """(optimizer, compiled step) of `model` as it is now: the config's memory options applied to
+    """(optimizer, step) of `model` as it is now: the config's memory options applied to
     it, then its step, with `optimizer` (or a fresh one at the peak rate) and `loss` (or the
     config's). The one recipe for a run's step (mlx_qat.train, at its start and at the switch)
     and for anything that times it on a freshly built model."""
@@ -121,22 +121,17 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: flo
     output of the step, so that a step that draws (dropout) draws afresh in every call rather
     than replaying the numbers of its trace.
 
-    compiled=False is gradient checkpointing's step (build_step's choice): it evaluates the
-    gradients one at a time, the last layer's first, so that the backward pass runs a block at a
-    time and only that block's recomputed activations and float32 weights are alive. Evaluated
-    together (one eval, or one compiled step), MLX's scheduler runs the weight gradients of every
-    block late and keeps each block's transients until then: the memory recomputing was to save.
-    """
+    compiled=False is gradient checkpointing's step (build_step's choice): the loss, then the
+    gradients one at a time, the last layer's first, are evaluated before the (compiled) update,
+    so that the backward pass runs a block at a time. Evaluated together (in one eval, or one
+    compiled step), MLX's scheduler runs every block's weight gradients late and keeps each
+    block's recomputed transients until then: the memory that recomputing was to save."""
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
     ranks = 1 if group is None else group.size()
 
-    def step(batch):
-        loss, grads = loss_and_grad(model, batch)
-        if not compiled:  # the backward pass a block at a time (see above)
-            for _, g in reversed(tree_flatten(grads)):
-                mx.eval(g)
+    def update(loss, grads):
         if ranks > 1:
             grads = nn.average_gradients(grads, group)
             loss = mx.distributed.all_sum(loss, group=group, stream=mx.cpu) / ranks
@@ -145,4 +140,15 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: flo
         optimizer.update(model, grads)
         return loss
 
-    return mx.compile(step, inputs=state, outputs=state) if compiled else step
+    if compiled:
+        return mx.compile(lambda batch: update(*loss_and_grad(model, batch)), inputs=state, outputs=state)
+    update = mx.compile(update, inputs=state, outputs=state)
+
+    def step(batch):
+        loss, grads = loss_and_grad(model, batch)
+        mx.eval(loss)  # the forward; the loss would otherwise hold the logits through the backward
+        for _, g in reversed(tree_flatten(grads)):
+            mx.eval(g)
+        return update(loss, grads)
+
+    return step

@@ -310,7 +310,7 @@ def count_params(cfg: config.TrainConfig) -> int:
 
 
 def measure_rate(cfg: config.TrainConfig, steps: int = 3) -> float:
-    """Training tokens per second of a config, from a few compiled steps (a run's own step, on a
+    """Training tokens per second of a config, from a few steps (a run's own step, on a
     freshly built model) after a warm-up one."""
     dataset = data.load(cfg)
     model = models.build(models.model_args(cfg.model, dataset.vocab_size), cfg.seed)

@@ -4,9 +4,9 @@
     python -m mlx_qat.train --out runs/tiny --resume
     python -m mlx_qat.train --config configs/tiny.yaml --out runs/branch --init-from runs/tiny/snapshots/409600
 
-A run reads as its stages (`run`): setup (where it starts, its data, model and compiled step);
+A run reads as its stages (`run`): setup (where it starts, its data, model and step);
 FP steps up to D_fp; the switch (the model converted in place to its QAT form, α initialised from
-the trained weights, the step recompiled); QAT steps up to D_total; finish (validation, export,
+the trained weights, the step built again); QAT steps up to D_total; finish (validation, export,
 the export's validation through mlx_lm.load, summary, plot). The loop reports through the run's
 monitor (metrics, progress, `report_to`) and saves through its checkpointer, which also stops a
 run whose loss is no longer finite.
@@ -56,7 +56,7 @@ ADAPTER = "adapter"  # a low-rank run's adapter alone, in mlx-lm's layout
 
 @dataclass
 class RunState:
-    """What the loop advances: the model, its optimizer and compiled step, the step count."""
+    """What the loop advances: the model, its optimizer and step, the step count."""
 
     cfg: config.TrainConfig
     plan: RunPlan
@@ -147,7 +147,7 @@ def switch_to_qat(state: RunState, specs=None) -> None:
     """The one FP -> QAT moment, wherever a model enters its QAT form (at D_fp, at step 0, or
     to restore a QAT checkpoint): QAT layers swapped in (α from the weights the model holds now;
     `specs` default to the config's policy), the memory options applied to them (they are new
-    modules), the weights' Adam moments forgotten unless kept, and the step recompiled.
+    modules), the weights' Adam moments forgotten unless kept, and the step built again.
 
     With fine_tune_type: lora the form is low-rank QAT (`lowrank.to_lowrank_qat`: the adapted
     modules' lora_a drawn from the run's seed, every other weight frozen, α learning), and no

@@ -10,8 +10,10 @@ from mlx.utils import tree_flatten
 
 from conftest import tiny_llama
 from mlx_qat import QuantSpec, fake_quant, init_scale
-from mlx_qat.layers import (QATEmbedding, QATLinear, is_learned_scale, qat_specs, quant_specs, to_qat,
+from mlx_qat import layers
+from mlx_qat.layers import (QATEmbedding, QATLinear, fake_quantized, is_learned_scale, qat_specs, quant_specs, to_qat,
                             to_quantized)
+from mlx_qat.lowrank import FrozenQATEmbedding
 from mlx_qat.model import num_params
 from mlx_qat.quantizers import specs_from_dict, specs_to_dict
 
@@ -142,19 +144,35 @@ def test_embedding_keeps_no_state_between_calls():
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(3, None), QuantSpec(4, 32, "mxfp4"),
                                   QuantSpec(4, 16, "nvfp4", learned_scale=True)], ids=str)
-def test_the_lookup_quantizes_only_its_rows_and_equals_the_table(spec):
+@pytest.mark.parametrize("base", ["trained", "frozen", "frozen, packed"])
+def test_the_lookup_quantizes_only_its_rows_and_equals_the_table(spec, base, monkeypatch):
     """ŵ[ids] from the looked-up rows alone, bit for bit, with the gradients of the whole table's path."""
-    layer = QATEmbedding.from_embedding(nn.Embedding(64, 32), spec)
+    table = nn.Embedding(64, 32)
+    if base == "trained":
+        layer = QATEmbedding.from_embedding(table, spec)
+    else:
+        layer = FrozenQATEmbedding.from_base(table.to_quantized(group_size=32, bits=8) if "packed" in base else table, spec)
+        layer.freeze()
+        layer.unfreeze(keys=["alpha"])
     ids = mx.array([[5, 1, 5], [63, 0, 2]])
     assert mx.array_equal(layer(ids), layer.quantized_weight()[ids]).item()
+    assert layer(mx.array(7)).shape == (32,)
+
+    shapes = []
+    monkeypatch.setattr(layers, "fake_quantized", lambda w, *a: shapes.append(w.shape) or fake_quantized(w, *a))
+    layer(ids)
+    assert shapes == [(6, 32)]  # the six looked-up rows, not the table
+
+    if not layer.trainable_parameters():
+        return  # a frozen table in a float format: nothing learns
 
     def loss(params, lookup):
         layer.update(params)
         return ((lookup(layer) * mx.arange(32)) ** 2).sum()
 
     rows = mx.grad(loss)(layer.trainable_parameters(), lambda m: m(ids))
-    table = mx.grad(loss)(layer.trainable_parameters(), lambda m: m.quantized_weight()[ids])
-    for (k, got), (_, want) in zip(tree_flatten(rows), tree_flatten(table)):
+    whole = mx.grad(loss)(layer.trainable_parameters(), lambda m: m.quantized_weight()[ids])
+    for (k, got), (_, want) in zip(tree_flatten(rows), tree_flatten(whole)):
         assert mx.any(want != 0).item(), k
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6, err_msg=k)
 

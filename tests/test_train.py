@@ -7,19 +7,22 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
-from conftest import MICRO_MODEL, read_jsonl, sigkill_after_first_checkpoint
+from conftest import MICRO_MODEL, read_jsonl, sigkill_after_first_checkpoint, tiny_llama
 from mlx_qat import checkpoint, config, data, model as models, report, train
 from mlx_qat.checkpointer import DivergenceError
 from mlx_qat.start import StartError
-from mlx_qat.step import keep_freed_buffers, make_optimizer
-from mlx_qat.layers import QATLinear
+from mlx_qat.step import build_step, keep_freed_buffers, make_optimizer
+from mlx_qat.layers import QATLinear, quant_specs, to_qat
+from mlx_qat.quantizers import QuantSpec
 
 def micro(dataset, **overrides):
     values = dict(data=str(dataset), model=MICRO_MODEL, total_tokens=40 * 4 * 32, batch_size=4, seq_len=32,
@@ -154,6 +157,26 @@ def test_resume_without_config_uses_the_runs_own(dataset, tmp_path, monkeypatch)
     train.main(["--out", str(tmp_path / "cut"), "--resume", "--no-progress"])
     whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
     np.testing.assert_allclose([cut[s] for s in range(11, 41)], [whole[s] for s in range(11, 41)], rtol=0, atol=1e-5)
+
+
+def test_the_gradient_checkpointing_step_trains_as_the_compiled_one(monkeypatch):
+    """build_step's step under grad_checkpoint (uncompiled, gradients evaluated one at a time)
+    follows the compiled step's trajectory, with its clipping and AdamW."""
+    cfg = config.resolve({"model": MICRO_MODEL, "grad_clip": 0.5})
+    batches = [mx.random.randint(0, 256, (2, 17), key=mx.random.key(0))] * 3  # one batch: its loss falls
+    block = type(tiny_llama().layers[0])
+    monkeypatch.setattr(block, "__call__", block.__call__)  # grad_checkpoint patches the class: undone after
+    runs = {}
+    for checkpointed in (False, True):
+        model = tiny_llama()
+        to_qat(model, quant_specs(model, QuantSpec(2, 32)))
+        _, step_fn = build_step(model, replace(cfg, grad_checkpoint=checkpointed))
+        losses = [step_fn(b).item() for b in batches]
+        runs[checkpointed] = losses, dict(tree_flatten(model.parameters()))
+    assert runs[True][0][-1] < runs[True][0][0]
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=0, atol=1e-5)
+    for k, v in runs[False][1].items():
+        np.testing.assert_allclose(np.array(runs[True][1][k]), np.array(v), rtol=0, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU allocator's cache limit")
