@@ -103,11 +103,13 @@ def test_ranks_with_different_configs_are_refused(run_config, tmp_path):
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("fine_tune_type", ["full", "lora"])
-def test_a_run_from_a_pretrained_model_trains_alike_on_two_ranks(dataset, tmp_path, fine_tune_type):
+@pytest.mark.parametrize("fine_tune_type, grad_checkpoint", [("full", False), ("lora", False), ("lora", True)],
+                         ids=["full", "lora", "lora-grad_checkpoint"])
+def test_a_run_from_a_pretrained_model_trains_alike_on_two_ranks(dataset, tmp_path, fine_tune_type, grad_checkpoint):
     """--init-from an mlx-lm directory: every rank loads the model, rank 0 tokenizes the text with
     the model's tokenizer, and the comparison with PTQ is made once, on the same batches. Low-rank
-    QAT averages only the adapters' and α's gradients over the ranks."""
+    QAT averages only the adapters' and α's gradients over the ranks; with grad_checkpoint, from
+    its uncompiled step."""
     from mlx_lm.utils import save_config, save_model
 
     from mlx_qat.model import from_config
@@ -124,8 +126,8 @@ def test_a_run_from_a_pretrained_model_trains_alike_on_two_ranks(dataset, tmp_pa
     args = ["--init-from", model, "--data", dataset.parent / "text.txt", "--data-cache", tmp_path / "cache",
             "--total-tokens", 20 * 4 * 32, "--batch-size", 4, "--seq-len", 32, "--bits", 2, "--group-size", 32,
             "--report-every", 1, "--eval-every", 10, "--eval-batches", 2, "--snapshot-at", f"[{20 * 4 * 32}]",
-            "--fine-tune-type", fine_tune_type]
-    args = list(map(str, args))
+            "--fine-tune-type", fine_tune_type, "--grad-checkpoint", grad_checkpoint]
+    args = [str(a).lower() if isinstance(a, bool) else str(a) for a in args]
     subprocess.run([*TRAIN, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True)
     result = launch(*TRAIN, *args, "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr
