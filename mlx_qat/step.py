@@ -142,13 +142,13 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: flo
 
     if compiled:
         return mx.compile(lambda batch: update(*loss_and_grad(model, batch)), inputs=state, outputs=state)
-    update = mx.compile(update, inputs=state, outputs=state)
+    compiled_update = mx.compile(update, inputs=state, outputs=state)
 
     def step(batch):
         loss, grads = loss_and_grad(model, batch)
         mx.eval(loss)  # the forward; the loss would otherwise hold the logits through the backward
         for _, g in reversed(tree_flatten(grads)):
             mx.eval(g)
-        return update(loss, grads)
+        return compiled_update(loss, grads)
 
     return step
